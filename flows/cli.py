@@ -1,0 +1,131 @@
+"""`tunegate` command line: thin entry points, heavy imports inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunegate", description="Fine-tune, gate and ship language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline")
+    run.add_argument("--config", type=Path, help="YAML preset (defaults apply where it is silent)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=10")
+
+    val = sub.add_parser("validate", help="validate one data file (exit 0 pass, 1 fail, 2 usage error)")
+    val.add_argument("path", help="file, directory or glob")
+    val.add_argument("--kind", required=True, choices=["sft", "preferences", "prompts", "eval"])
+    val.add_argument("--config", type=Path)
+    val.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+
+    show = sub.add_parser("config", help="print the resolved configuration")
+    show.add_argument("--config", type=Path)
+    show.add_argument("overrides", nargs="*")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("tunegate", "tasks", "flows", "data_checks"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tunegate.errors import ConfigError
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "validate":
+            return _validate(args)
+        return _show(args)
+    except ConfigError as exc:
+        print(f"tunegate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _show(args) -> int:
+    import yaml
+
+    from tunegate.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return 0
+
+
+def _validate(args) -> int:
+    from data_checks.checks import check_data
+    from tasks.base_model import prepare_base_model
+    from tunegate.config import load_config
+
+    cfg = load_config(args.config)
+    v = cfg.validate_
+    base = prepare_base_model(cfg.model)
+    from transformers import AutoTokenizer
+
+    checked = check_data(
+        args.kind, args.path, min_rows=v.min_rows.get(args.kind, 1), max_length=v.max_length,
+        length_policy=v.length_policy, max_duplicate_fraction=v.max_duplicate_fraction,
+        pii_policy=v.pii_policy, sample_rows=v.sample_rows, tokenizer=AutoTokenizer.from_pretrained(base.path),
+        system_prompt=cfg.model.system_prompt,
+    )
+    r = checked.report
+    if args.format == "json":
+        import json
+
+        print(json.dumps(r.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(r.to_markdown() if args.format == "markdown" else r.to_text())
+    return 0 if r.passed else 1
+
+
+def _run(args) -> int:
+    from flows.pipeline import pipeline
+    from tunegate.config import load_config
+    from tunegate.errors import DataValidationError, StageGateFailed, TrainingError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = pipeline(cfg)
+    except DataValidationError as exc:
+        print(f"\ntunegate: stopped before training: {exc}", file=sys.stderr)
+        return 1
+    except (StageGateFailed, TrainingError) as exc:
+        print(f"\ntunegate: stopped: {exc}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0
+
+
+def summary(result: dict) -> str:
+    """What a person wants after a run: scores side by side, verdict, registry, where to look."""
+    from prefect.settings import PREFECT_API_URL
+
+    verdict, reg = result["verdict"], result["registration"]
+    lines = ["", "=" * 78, verdict["markdown"], ""]
+    if reg["promoted"]:
+        lines.append(f"Registered: {reg['model_name']} version {reg['version']}, alias "
+                     f"{', '.join(reg['aliases'])} (models:/{reg['model_name']}@{reg['aliases'][0]})")
+    else:
+        where = f" (version {reg['version']} registered without alias)" if reg.get("version") else ""
+        lines.append(f"NOT PROMOTED{where}: {reg['reason']}")
+    tracking = result["tracking_uri"]
+    lines += [
+        "",
+        f"MLflow run {result['mlflow_run_id']} in experiment {result['experiment']!r}; outputs in {result['run_dir']}",
+        "See the runs:",
+        f"  MLflow UI:  mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
+        "   -> http://127.0.0.1:5000",
+        "  Prefect UI: prefect server start --host 127.0.0.1 --port 4200   -> http://127.0.0.1:4200"
+        f"  (flow run {result['flow_run_id']})" if not PREFECT_API_URL.value() else
+        f"  Prefect UI: {PREFECT_API_URL.value().removesuffix('/api')}  (flow run {result['flow_run_id']})",
+        "  (from this directory, with the virtualenv active: . .venv/bin/activate)",
+        "=" * 78,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

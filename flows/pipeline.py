@@ -1,0 +1,180 @@
+"""The pipeline flow: Prefect wiring only. Stage logic lives in `tasks/`.
+
+Every stage runs as a Prefect task inside one MLflow parent run, with a nested MLflow run of its own
+(the trainers log their curves there). Orchestration policy — names, retries, caching — sits here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks.align import align_policy
+from tasks.base_model import prepare_base_model
+from tasks.build import build_datasets
+from tasks.evaluate import evaluate_models
+from tasks.gates import apply_gates
+from tasks.registry import current_champion, fetch_champion, register_candidate
+from tasks.reward import train_reward_model
+from tasks.sft import train_sft
+from tasks.validate import source_digests, validate_data
+from tunegate.artifacts import Artifact, Registration
+from tunegate.config import PipelineConfig
+from tunegate.errors import DataValidationError
+
+log = logging.getLogger(__name__)
+
+
+def _stage(name: str, fn: Callable[..., Any], retries: int = 0) -> Callable[..., Any]:
+    """Wrap a stage function as a Prefect task that runs inside a nested MLflow run."""
+
+    def run(*args: Any, parent_run_id: str, **kwargs: Any) -> Any:
+        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id):
+            mlflow.set_tag("tunegate.stage", name)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            mlflow.log_metric("stage_seconds", time.perf_counter() - start)
+            if isinstance(out, Artifact):
+                _log_record(out)
+            return out
+
+    # No functools.wraps: Prefect would bind calls to the stage's own signature, without parent_run_id.
+    run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return task(name=name, retries=retries, cache_policy=NO_CACHE)(run)
+
+
+prepare_base_model_task = _stage("base-model", prepare_base_model)
+validate_task = _stage("validate", validate_data)
+build_task = _stage("build", build_datasets)
+sft_task = _stage("sft", train_sft)
+reward_task = _stage("reward-model", train_reward_model)
+align_task = _stage("align", align_policy)
+evaluate_task = _stage("evaluate", evaluate_models)
+gates_task = _stage("gates", apply_gates)
+register_task = _stage("register", register_candidate)
+
+
+# No log_prints: it patches print(), which breaks dill's stdout capture inside datasets' hashing.
+@flow(name="tunegate-pipeline")
+def pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Raw data to a registered, promoted model — or a clear reason why not."""
+    logger = get_run_logger()
+    run_id = flow_run.get_id() or "local"
+    run_dir = Path(config.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{str(run_id)[:8]}"
+    reg = config.registry
+    mlflow.set_tracking_uri(reg.tracking_uri)
+    mlflow.set_experiment(reg.experiment)
+    champion = current_champion(reg)
+    with mlflow.start_run(run_name=config.run.name) as parent:
+        pid = parent.info.run_id
+        _tag_parent(config, run_id, champion.version if champion else None, run_dir)
+        base = prepare_base_model_task(config.model, parent_run_id=pid)
+        mlflow.log_params({"base_model": config.model.base_model, "base_model_digest": base.digest[:16]})
+        try:
+            validated = validate_task(
+                config.validate_, config.data, base, out_dir=run_dir / "validate",
+                system_prompt=config.model.system_prompt, parent_run_id=pid,
+            )
+        except DataValidationError:
+            _publish_report(run_dir / "validate" / "validation.md", "data-validation")
+            raise
+        _publish_report(Path(validated.report_markdown), "data-validation")
+        dataset = build_task(config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed,
+                             parent_run_id=pid)
+        _log_datasets(dataset, config)
+        seed = config.run.seed
+        sft = sft_task(config.sft, dataset, base, out_dir=run_dir / "sft", seed=seed, parent_run_id=pid)
+        reward = reward_task(config.reward, dataset, sft, out_dir=run_dir / "reward", seed=seed, parent_run_id=pid)
+        candidate = align_task(config.align, dataset, sft, reward, out_dir=run_dir / "align", seed=seed,
+                               parent_run_id=pid)
+        models = {"base": base.path, "candidate": candidate.path}
+        if champion is not None:
+            models["champion"] = str(fetch_champion(reg, champion, run_dir / "champion"))
+        report = evaluate_task(config.evaluate, dataset, models, reward, out_dir=run_dir / "evaluate",
+                               seed=seed, champion_version=champion.version if champion else None,
+                               parent_run_id=pid)
+        verdict = gates_task(config.gates, report, parent_run_id=pid)
+        for label, scores in report.scores.items():
+            mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
+        mlflow.log_text(verdict.markdown, "gates.md")
+        create_markdown_artifact(key="gate-verdict", markdown=verdict.markdown, description="Gate verdict")
+        create_table_artifact(key="gate-table", table=[r.model_dump() for r in verdict.results],
+                              description="Gate results")
+        if verdict.passed:
+            registration = register_task(
+                reg, candidate, verdict, expected_champion=champion.version if champion else None,
+                tags={"tunegate.parent_run_id": pid, "prefect.flow_run_id": str(run_id),
+                      "tunegate.config_digest": config.digest()},
+                parent_run_id=pid,
+            )
+        else:
+            failed = ", ".join(r.gate for r in verdict.results if not r.passed)
+            registration = Registration(promoted=False, model_name=reg.model_name,
+                                        reason=f"gates failed: {failed}")
+        mlflow.set_tags({"tunegate.promoted": str(registration.promoted).lower(),
+                         "tunegate.registered_version": registration.version or ""})
+        logger.info("verdict: %s; %s", "PASS" if verdict.passed else "FAIL", registration.reason)
+    return {
+        "verdict": verdict.model_dump(),
+        "report": report.model_dump(),
+        "registration": registration.model_dump(),
+        "mlflow_run_id": pid,
+        "experiment": reg.experiment,
+        "tracking_uri": reg.tracking_uri,
+        "run_dir": str(run_dir),
+        "flow_run_id": str(run_id),
+    }
+
+
+def _tag_parent(config: PipelineConfig, run_id: str, champion: str | None, run_dir: Path) -> None:
+    mlflow.set_tags({
+        "prefect.flow_run_id": str(run_id),
+        "prefect.flow_run_name": flow_run.get_name() or "",
+        "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+        "tunegate.config_digest": config.digest(),
+        "tunegate.champion_at_start": champion or "none",
+        "tunegate.run_dir": str(run_dir),
+        "tunegate.trust_remote_code": str(config.model.trust_remote_code).lower(),
+    })
+    mlflow.log_dict(config.model_dump(mode="json", by_alias=True), "config/resolved.json")
+    mlflow.log_param("config_digest", config.digest())
+
+
+def _log_record(record: Artifact) -> None:
+    data = record.model_dump(mode="json")
+    mlflow.log_dict(data, "record.json")
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict):
+        mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
+
+
+def _log_datasets(dataset, config: PipelineConfig) -> None:
+    """Each split as an MLflow dataset input with its digest, plus the raw sources' digests."""
+    import pandas as pd
+
+    for name, f in dataset.splits.items():
+        frame = pd.read_parquet(f.path)
+        ds = mlflow.data.from_pandas(frame, source=f.path, name=name, digest=f.sha256[:16])
+        context = "eval" if name in ("sft_eval", "pref_eval", "eval") else "train"
+        mlflow.log_input(ds, context=context, tags={"rows": str(f.rows), "sha256": f.sha256})
+    mlflow.log_dict(source_digests(config.data), "data/sources.json")
+    mlflow.log_artifact(dataset.manifest, "data")
+
+
+def _publish_report(path: Path, key: str) -> None:
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        create_markdown_artifact(key=key, markdown=text, description="Data validation report")
+        mlflow.log_text(text, "validation/validation.md")
+        json_path = path.with_suffix(".json")
+        if json_path.exists():
+            mlflow.log_dict(json.loads(json_path.read_text()), "validation/validation.json")

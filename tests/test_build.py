@@ -1,0 +1,55 @@
+"""The build stage: TRL formats, stable split, dedupe, and byte-identical re-runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tasks.build import build_datasets
+from tasks.validate import validate_data
+from tunegate.artifacts import ModelArtifact
+from tunegate.config import BuildSection, DataSection, ValidateSection
+
+
+def _validated(data_dir, tiny_model, out):
+    data = DataSection(**{k: str(data_dir / f"{k}.jsonl") for k in ("sft", "preferences", "prompts", "eval")})
+    base = ModelArtifact(path=str(tiny_model), role="base", base_model="tiny", digest="x")
+    return validate_data(ValidateSection(max_length=256), data, base, out_dir=out)
+
+
+def test_build_is_byte_identical_across_runs(data_dir, tiny_model, tmp_path):
+    validated = _validated(data_dir, tiny_model, tmp_path / "v")
+    a = build_datasets(BuildSection(), validated, out_dir=tmp_path / "a", seed=3)
+    b = build_datasets(BuildSection(), validated, out_dir=tmp_path / "b", seed=3)
+    assert {k: f.sha256 for k, f in a.splits.items()} == {k: f.sha256 for k, f in b.splits.items()}
+    manifest = json.loads(open(a.manifest).read())
+    assert manifest["outputs"] == json.loads(open(b.manifest).read())["outputs"]
+    assert manifest["counts"]["sft"]["sft_train"] + manifest["counts"]["sft"]["sft_eval"] == \
+        manifest["counts"]["sft"]["after_dedupe"]
+
+
+def test_build_writes_trl_formats_without_leakage(data_dir, tiny_model, tmp_path):
+    ds = build_datasets(BuildSection(eval_fraction=0.2), _validated(data_dir, tiny_model, tmp_path / "v"),
+                        out_dir=tmp_path / "d", seed=3)
+    train = pd.read_parquet(ds.splits["sft_train"].path)
+    held = pd.read_parquet(ds.splits["sft_eval"].path)
+    assert list(train.columns) == ["completion", "prompt"] or set(train.columns) == {"prompt", "completion"}
+    assert 0 < len(held) < len(train)
+    key = lambda df: {" ".join(m["content"] for m in p) for p in df["prompt"]}  # noqa: E731
+    assert not key(train) & key(held)
+    pref = pd.read_parquet(ds.splits["pref_train"].path)
+    assert set(pref.columns) == {"prompt", "chosen", "rejected"}
+    assert set(pd.read_parquet(ds.splits["eval"].path).columns) == {"prompt", "expected_any"}
+
+
+def test_duplicates_are_dropped_and_counted(tmp_path, tiny_model, data_dir):
+    rows = [json.loads(line) for line in open(data_dir / "sft.jsonl")]
+    dup_dir = tmp_path / "in"
+    dup_dir.mkdir()
+    for k in ("preferences", "prompts", "eval"):
+        (dup_dir / f"{k}.jsonl").write_text((data_dir / f"{k}.jsonl").read_text())
+    (dup_dir / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))
+    ds = build_datasets(BuildSection(), _validated(dup_dir, tiny_model, tmp_path / "v"), out_dir=tmp_path / "d", seed=1)
+    assert ds.dropped["sft_duplicates"] == 3
+    assert ds.splits["sft_train"].rows + ds.splits["sft_eval"].rows == len(rows)

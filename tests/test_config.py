@@ -1,0 +1,62 @@
+"""The typed config: defaults, YAML, dotted overrides; every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunegate.config import PipelineConfig, load_config
+from tunegate.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_preset_loads_and_overrides_apply():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["sft.max_steps=3", "align.method=rloo"])
+    assert cfg.sft.max_steps == 3 and cfg.align.method == "rloo"
+    assert cfg.registry.model_name == "brightpaw-assistant"
+    assert cfg.model.trust_remote_code is False
+
+
+def test_unknown_keys_are_errors_with_suggestions(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  max_stpes: 3\n  learning_rate: -1\nbogus: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    problems = "\n".join(err.value.problems)
+    assert "sft.max_stpes: unknown key; did you mean 'max_steps'?" in problems
+    assert "sft.learning_rate" in problems and "greater than 0" in problems
+    assert "bogus: unknown key" in problems
+    assert str(path) in str(err.value)
+
+
+def test_trl_passthrough_is_checked_against_trl_dataclass():
+    cfg = load_config(None, ["sft.trl_args.weight_decay=0.1"])
+    assert cfg.sft.trl_args == {"weight_decay": 0.1}
+    with pytest.raises(ConfigError, match="not a field of trl.SFTConfig; did you mean 'weight_decay'"):
+        load_config(None, ["sft.trl_args.weight_decy=0.1"])
+
+
+def test_gate_needs_exactly_one_reference():
+    with pytest.raises(ConfigError, match="exactly one of `threshold` or `baseline`"):
+        load_config(None, ['gates=[{"metric": "fact_accuracy", "op": ">="}]'])
+
+
+def test_bad_override_and_missing_file():
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["sft.max_steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope.yaml")
+
+
+def test_digest_is_stable_and_sensitive():
+    a, b = PipelineConfig(), PipelineConfig()
+    assert a.digest() == b.digest()
+    assert load_config(None, ["run.seed=1"]).digest() != a.digest()
+
+
+def test_json_schema_for_the_prefect_form():
+    schema = PipelineConfig.model_json_schema(by_alias=True)
+    assert "validate" in schema["properties"]
+    assert schema["additionalProperties"] is False

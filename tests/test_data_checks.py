@@ -1,0 +1,156 @@
+"""Validation: the demo data passes; each broken fixture fails with the row named and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_checks.checks import check_data
+from data_checks.formats import RowError, normalise
+
+BAD = Path(__file__).parent / "assets" / "bad"
+
+
+def run(kind: str, path, tokenizer=None, **overrides):
+    opts = {"min_rows": 1, "max_length": 512, "length_policy": "fail", "max_duplicate_fraction": 0.05,
+            "pii_policy": "block", "sample_rows": 5, "tokenizer": tokenizer}
+    opts.update(overrides)
+    return check_data(kind, str(path), **opts)
+
+
+def failed(report) -> dict[str, object]:
+    return {f.check: f for f in report.errors}
+
+
+@pytest.mark.parametrize("kind", ["sft", "preferences", "prompts", "eval"])
+def test_demo_data_passes(kind, data_dir, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    checked = run(kind, data_dir / f"{kind}.jsonl", tok, min_rows=20, max_length=256)
+    assert checked.report.passed, checked.report.to_text()
+    assert checked.report.rows_valid == checked.report.rows_read > 0
+
+
+@pytest.mark.parametrize(
+    ("fixture", "kind", "check", "where", "text"),
+    [
+        ("sft_not_json.jsonl", "sft", "file parses", ":2", "not valid JSON"),
+        ("sft_truncated.jsonl", "sft", "file parses", ":2", "truncated last line"),
+        ("sft_bad_utf8.jsonl", "sft", "file parses", ":2", "invalid UTF-8"),
+        ("sft_bad_role.jsonl", "sft", "schema and roles", ":1", "allowed roles"),
+        ("sft_no_assistant.jsonl", "sft", "schema and roles", ":1", "no assistant turn"),
+        ("sft_empty_content.jsonl", "sft", "schema and roles", ":1", "non-empty string"),
+        ("sft_unknown_shape.jsonl", "sft", "recognised shape", ":1", "match no sft format"),
+        ("sft_secret.jsonl", "sft", "no secrets", ":1", "credentials"),
+        ("sft_email.jsonl", "sft", "personal data", ":1", "emails or phone"),
+        ("pref_identical.jsonl", "preferences", "schema and roles", ":1", "identical"),
+        ("sft_mixed_shapes.jsonl", "sft", "one shape per split", ":2", "mixed shapes"),
+    ],
+)
+def test_broken_fixture_is_reported_with_location(fixture, kind, check, where, text):
+    report = run(kind, BAD / fixture).report
+    assert not report.passed
+    finding = failed(report)[check]
+    assert text in finding.message + " ".join(s.value for s in finding.samples)
+    assert finding.samples and finding.samples[0].where.endswith(fixture + where)
+    assert finding.fix
+
+
+def test_secret_is_masked_in_report():
+    report = run("sft", BAD / "sft_secret.jsonl").report
+    assert "AKIAABCDEFGHIJKLMNOP" not in report.to_text()
+    assert "AKIAABCDEFGHIJKLMNOP" not in json.dumps(report.to_dict())
+
+
+def test_personal_data_only_warns_when_policy_says_so():
+    report = run("sft", BAD / "sft_email.jsonl", pii_policy="warn").report
+    assert report.passed and [w.check for w in report.warnings] == ["personal data"]
+
+
+def test_too_few_rows(data_dir):
+    report = run("eval", data_dir / "eval.jsonl", min_rows=1000).report
+    assert "enough rows" in failed(report)
+    assert "at least 1000 required" in failed(report)["enough rows"].message
+
+
+def test_duplicates_above_threshold_fail_and_below_warn(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    other = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
+             for i in range(20)]
+    path = tmp_path / "dups.jsonl"
+    rows = [row, {"messages": [{"role": "user", "content": "  HI "}, {"role": "assistant", "content": "hello"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows + other) + "\n")
+    report = run("sft", path).report
+    assert failed(report)["duplicates"].samples[0].value == f"duplicate of {path}:1"
+    assert run("sft", path, max_duplicate_fraction=0.5).report.passed
+
+
+def test_length_policy_fail_and_drop(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
+    report = run("sft", path, tok, max_length=64).report
+    assert failed(report)["length"].samples[0].where.endswith("long.jsonl:2")
+    dropped = run("sft", path, tok, max_length=64, length_policy="drop")
+    assert dropped.report.passed and dropped.report.dropped == {"too_long": 1}
+    assert len(dropped.rows) == 1
+
+
+def test_tolerated_variants_bom_crlf_blank_lines_unicode(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Grüße {i} 🐾"}, {"role": "assistant", "content": "ok ✓"}]}
+            for i in range(3)]
+    body = "\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    checked = run("sft", path)
+    assert checked.report.passed, checked.report.to_text()
+    assert len(checked.rows) == 3
+
+
+def test_loss_mask_rejects_template_that_drops_end_of_turn(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello"}]}) + "\n")
+    assert "end-of-turn token" in failed(run("sft", path, tok).report)["loss mask"].message
+
+
+@pytest.mark.parametrize(
+    ("shape", "row"),
+    [
+        ("alpaca", {"instruction": "Add", "input": "2+2", "output": "4"}),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "Add\n\n2+2"}, {"from": "gpt", "value": "4"}]}),
+        ("prompt_completion", {"prompt": "Add\n\n2+2", "completion": "4"}),
+        ("messages", {"messages": [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]}),
+    ],
+)
+def test_sft_shapes_map_to_trl_prompt_completion(shape, row):
+    out = normalise("sft", shape, row, system_prompt="Be brief.")
+    assert out == {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n\n2+2"}],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+
+
+def test_implicit_preference_prompt_is_split():
+    user = {"role": "user", "content": "Hi"}
+    row = {"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+           "rejected": [user, {"role": "assistant", "content": "Go away"}]}
+    out = normalise("preferences", "preference_implicit", row)
+    assert out["prompt"] == [user]
+    assert out["chosen"][0]["content"] == "Hello!" and out["rejected"][0]["content"] == "Go away"
+
+
+def test_bad_sharegpt_role_names_the_fix():
+    with pytest.raises(RowError, match=r"conversations\[1\]\.from is 'robot'"):
+        normalise("sft", "sharegpt", {"conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]})

@@ -1,0 +1,95 @@
+"""The pipeline flow end to end on the tiny model, under a real (temporary) Prefect API and MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from tests.conftest import tiny_raw_config
+from tunegate.config import parse_config
+from tunegate.errors import DataValidationError
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _client(cfg) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.registry.tracking_uri, registry_uri=cfg.registry.tracking_uri)
+
+
+def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, data_dir, tmp_path):
+    cfg = parse_config(tiny_raw_config(tiny_model, data_dir, tmp_path))
+    result = pipeline(cfg)
+
+    reg = result["registration"]
+    assert result["verdict"]["passed"] and reg["promoted"] and reg["version"] == "1"
+    client = _client(cfg)
+    champion = client.get_model_version_by_alias("tiny-assistant", "champion")
+    assert champion.version == "1"
+
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
+    assert parent.data.tags["tunegate.config_digest"] == cfg.digest()
+    assert parent.data.tags["tunegate.promoted"] == "true"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    stages = {r.data.tags["tunegate.stage"] for r in children}
+    assert stages == {"base-model", "validate", "build", "sft", "reward-model", "align", "evaluate", "gates",
+                      "register"}
+    sft_run = next(r for r in children if r.data.tags["tunegate.stage"] == "sft")
+    assert "train_loss" in sft_run.data.metrics or "loss" in sft_run.data.metrics
+
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert {"sft_train", "sft_eval", "pref_train", "prompts", "eval"} <= set(inputs)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"gates.md", "config", "data", "validation"} <= artifacts
+    resolved = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="config/resolved.json", tracking_uri=cfg.registry.tracking_uri,
+    )).read())
+    assert resolved["sft"]["max_steps"] == 2
+
+    # A second run compares against the first run's champion and, passing, takes over.
+    again = pipeline(cfg)
+    assert "champion" in again["report"]["scores"]
+    assert again["registration"]["version"] == "2"
+    assert client.get_model_version_by_alias("tiny-assistant", "champion").version == "2"
+    assert client.get_model_version_by_alias("tiny-assistant", "previous").version == "1"
+
+    # A failing gate ends the run completed-but-not-promoted, with the champion untouched.
+    strict = parse_config({**tiny_raw_config(tiny_model, data_dir, tmp_path),
+                           "gates": [{"metric": "fact_accuracy", "op": ">=", "threshold": 0.99}]})
+    rejected = pipeline(strict)
+    assert not rejected["verdict"]["passed"]
+    assert not rejected["registration"]["promoted"] and rejected["registration"]["version"] is None
+    assert "fact_accuracy >= 0.99" in rejected["registration"]["reason"]
+    assert client.get_model_version_by_alias("tiny-assistant", "champion").version == "2"
+    assert len(client.search_model_versions("name='tiny-assistant'")) == 2
+
+
+def test_bad_data_stops_before_training_naming_the_row(prefect_api, tiny_model, data_dir, tmp_path):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    for kind in ("preferences", "prompts", "eval"):
+        (bad_dir / f"{kind}.jsonl").write_text((data_dir / f"{kind}.jsonl").read_text())
+    lines = (data_dir / "sft.jsonl").read_text().splitlines()
+    lines[6] = lines[6].replace('"assistant"', '"robot"')
+    (bad_dir / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    raw = tiny_raw_config(tiny_model, bad_dir, tmp_path)
+    cfg = parse_config(raw)
+    with pytest.raises(DataValidationError, match=r"sft\.jsonl:7.*allowed roles"):
+        pipeline(cfg)
+    client = _client(cfg)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    stages = {r.data.tags.get("tunegate.stage") for r in runs}
+    assert "sft" not in stages and "validate" in stages
+    assert all(r.info.status == "FAILED" for r in runs if r.data.tags.get("tunegate.stage") in (None, "validate"))
+    assert not client.search_registered_models()

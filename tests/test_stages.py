@@ -1,0 +1,168 @@
+"""Each stage on the tiny model: two training steps, loss finite, weights moved; gate arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.align import align_policy
+from tasks.build import build_datasets
+from tasks.evaluate import brand_ok, evaluate_models, fact_hit
+from tasks.gates import apply_gates
+from tasks.reward import train_reward_model
+from tasks.sft import train_sft
+from tasks.validate import validate_data
+from tunegate.artifacts import EvalReport, ModelArtifact
+from tunegate.config import GateSpec
+from tunegate.errors import StageGateFailed, TrainingError
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory, tiny_model, data_dir):
+    from tests.conftest import tiny_raw_config
+    from tunegate.config import parse_config
+
+    work = tmp_path_factory.mktemp("stages")
+    cfg = parse_config(tiny_raw_config(tiny_model, data_dir, work))
+    base = ModelArtifact(path=str(tiny_model), role="base", base_model=str(tiny_model), digest="tiny")
+    validated = validate_data(cfg.validate_, cfg.data, base, out_dir=work / "validate")
+    dataset = build_datasets(cfg.build, validated, out_dir=work / "dataset", seed=1)
+    return cfg, base, dataset, work
+
+
+@pytest.fixture(scope="module")
+def sft_model(stage_inputs):
+    cfg, base, dataset, work = stage_inputs
+    return train_sft(cfg.sft, dataset, base, out_dir=work / "sft", seed=1)
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    return load_file(f"{path}/model.safetensors")
+
+
+def _moved(a: str, b: str) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return any(not torch.equal(wa[k], wb[k]) for k in wa if k in wb)
+
+
+def test_sft_trains_two_steps_and_changes_weights(stage_inputs, sft_model):
+    _, base, _, _ = stage_inputs
+    assert sft_model.steps == 2
+    assert math.isfinite(sft_model.metrics["train_loss"]) and math.isfinite(sft_model.metrics["eval_loss"])
+    assert sft_model.metrics["lora_delta_norm"] > 0
+    assert _moved(base.path, sft_model.path)
+    assert sft_model.digest != base.digest
+
+
+def test_reward_model_trains_and_reports_accuracy(stage_inputs, sft_model):
+    cfg, _, dataset, work = stage_inputs
+    rm = train_reward_model(cfg.reward, dataset, sft_model, out_dir=work / "reward", seed=1)
+    assert rm.steps == 2 and math.isfinite(rm.metrics["train_loss"])
+    assert 0.0 <= rm.metrics["pair_accuracy"] <= 1.0
+    assert rm.metrics["eval_pairs"] == dataset.splits["pref_eval"].rows
+
+
+def test_reward_model_below_floor_stops_the_run(stage_inputs, sft_model):
+    cfg, _, dataset, work = stage_inputs
+    strict = cfg.reward.model_copy(update={"min_accuracy": 1.0, "max_steps": 1})
+    with pytest.raises(StageGateFailed, match="below reward.min_accuracy=100%"):
+        train_reward_model(strict, dataset, sft_model, out_dir=work / "reward-strict", seed=1)
+    assert not (work / "reward-strict" / "model").exists()
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_align_trains_against_the_reward_model(stage_inputs, sft_model, method):
+    cfg, _, dataset, work = stage_inputs
+    rm = train_reward_model(cfg.reward, dataset, sft_model, out_dir=work / f"reward-{method}", seed=1)
+    align_cfg = cfg.align.model_copy(update={"method": method})
+    policy = align_policy(align_cfg, dataset, sft_model, rm, out_dir=work / method, seed=1)
+    assert policy.steps == 2 and policy.role == "align"
+    assert "reward_last" in policy.metrics
+    assert _moved(sft_model.path, policy.path)
+
+
+def test_nan_loss_stops_sft_with_a_clear_error(stage_inputs):
+    cfg, base, dataset, work = stage_inputs
+    bad = cfg.sft.model_copy(update={"learning_rate": 0.9, "trl_args": {"max_grad_norm": None}})
+    # Poison the base weights so the very first logged loss is NaN.
+    poisoned = work / "poisoned"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base.path)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(poisoned)
+    AutoTokenizer.from_pretrained(base.path).save_pretrained(poisoned)
+    art = base.model_copy(update={"path": str(poisoned)})
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train_sft(bad, dataset, art, out_dir=work / "sft-nan", seed=1)
+    assert not (work / "sft-nan" / "model").exists()
+
+
+def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model):
+    cfg, base, dataset, work = stage_inputs
+    report = evaluate_models(cfg.evaluate, dataset, {"base": base.path, "candidate": sft_model.path}, None,
+                             out_dir=work / "eval", seed=1)
+    assert set(report.scores) == {"base", "candidate"}
+    for scores in report.scores.values():
+        assert {"eval_loss", "fact_accuracy", "brand_format", "ms_per_token"} <= set(scores)
+        assert math.isfinite(scores["eval_loss"])
+    assert report.n_prompts == dataset.splits["eval"].rows
+
+
+def test_evaluate_refuses_too_few_prompts(stage_inputs, sft_model):
+    cfg, base, dataset, work = stage_inputs
+    strict = cfg.evaluate.model_copy(update={"min_eval_rows": 10_000})
+    with pytest.raises(StageGateFailed, match="min_eval_rows=10000"):
+        evaluate_models(strict, dataset, {"base": base.path}, None, out_dir=work / "e2", seed=1)
+
+
+def test_fact_and_brand_checks():
+    assert fact_hit("It costs $9 per month.", ["$9"])
+    assert fact_hit("It costs $9.", ["$9"])
+    assert not fact_hit("It costs $99 per month.", ["$9"])
+    assert not fact_hit("It costs $19 per month.", ["$9"])
+    assert fact_hit("covers up to 4 pets", ["4 pets", "four pets"])
+    assert not fact_hit("covers up to 14 pets", ["4 pets"])
+    assert brand_ok("Hey! text Bye.", "Hey!", "Bye.")
+    assert not brand_ok("text Bye.", "Hey!", "Bye.")
+
+
+def _report(**scores) -> EvalReport:
+    return EvalReport(scores=scores, n_prompts=60, samples_path="-")
+
+
+def test_gate_arithmetic_thresholds_and_baselines():
+    gates = [
+        GateSpec(metric="fact_accuracy", op=">=", threshold=0.7),
+        GateSpec(metric="eval_loss", op="<=", baseline="base", min_delta=0.5),
+        GateSpec(metric="fact_accuracy", op=">=", baseline="champion", min_delta=-0.05),
+    ]
+    report = _report(base={"fact_accuracy": 0.1, "eval_loss": 2.0},
+                     candidate={"fact_accuracy": 0.75, "eval_loss": 1.4},
+                     champion={"fact_accuracy": 0.79, "eval_loss": 1.3})
+    verdict = apply_gates(gates, report)
+    assert verdict.passed
+    assert [r.required for r in verdict.results] == pytest.approx([0.7, 1.5, 0.74])
+
+    worse = _report(base={"fact_accuracy": 0.1, "eval_loss": 2.0},
+                    candidate={"fact_accuracy": 0.72, "eval_loss": 1.6},
+                    champion={"fact_accuracy": 0.8, "eval_loss": 1.3})
+    verdict = apply_gates(gates, worse)
+    assert not verdict.passed
+    assert [r.passed for r in verdict.results] == [True, False, False]
+    assert "FAIL" in verdict.markdown and "is not >= 0.75" in verdict.markdown
+
+
+def test_gate_without_champion_passes_and_says_why():
+    gate = GateSpec(metric="fact_accuracy", op=">=", baseline="champion", min_delta=0.0)
+    result = apply_gates([gate], _report(candidate={"fact_accuracy": 0.5})).results[0]
+    assert result.passed and result.why == "no champion to compare with yet"
+
+
+def test_missing_metric_fails_the_gate():
+    verdict = apply_gates([GateSpec(metric="nope", op=">=", threshold=0)], _report(candidate={}))
+    assert not verdict.passed and "was not measured" in verdict.results[0].why

@@ -1,0 +1,97 @@
+"""Small frozen records that stages pass to each other: paths, digests, counts and metrics.
+
+Never DataFrames or models: that keeps stages cacheable by content, resumable, and movable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataFile(Artifact):
+    kind: str
+    path: str
+    rows: int
+    sha256: str
+
+
+class ValidatedData(Artifact):
+    files: dict[str, DataFile]
+    report_json: str
+    report_markdown: str
+    warnings: int = 0
+
+
+class InstructionDataset(Artifact):
+    root: str
+    splits: dict[str, DataFile] = Field(description="sft_train, sft_eval, pref_train, pref_eval, prompts, eval")
+    manifest: str
+    dropped: dict[str, int] = Field(default_factory=dict)
+
+
+class ModelArtifact(Artifact):
+    path: str
+    role: Literal["base", "sft", "reward", "align"]
+    base_model: str = Field(description="Identity of the model this one started from.")
+    digest: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    steps: int = 0
+
+
+class EvalReport(Artifact):
+    scores: dict[str, dict[str, float]] = Field(description="model label -> metric -> value")
+    n_prompts: int
+    samples_path: str
+    champion_version: str | None = None
+
+
+class GateResult(Artifact):
+    gate: str
+    metric: str
+    op: str
+    value: float | None
+    reference: str
+    reference_value: float | None
+    required: float | None
+    passed: bool
+    why: str
+
+
+class GateVerdict(Artifact):
+    passed: bool
+    results: list[GateResult]
+    markdown: str
+
+
+class Registration(Artifact):
+    promoted: bool
+    model_name: str
+    version: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | Path) -> str:
+    """Digest of a directory: every file's relative name and content, in sorted order."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

