@@ -56,7 +56,7 @@ def align_policy(cfg: AlignSection, data: InstructionDataset, policy: ModelArtif
     trainer = trainer_cls(
         model=model, reward_funcs=[reward_model, *rules], args=args, train_dataset=prompts,
         processing_class=tokenizer, reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model.config.num_hidden_layers), callbacks=[finite_loss_guard()],
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model), callbacks=[finite_loss_guard()],
     )
     trainer.train()
     delta = require_trained(trainer.model, cfg.method)

@@ -43,7 +43,7 @@ def train_reward_model(cfg: RewardSection, data: InstructionDataset, backbone: M
     args = RewardConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train, processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "SEQ_CLS", model.config.num_hidden_layers), callbacks=[finite_loss_guard()],
+        peft_config=lora_config(cfg.lora, "SEQ_CLS", model), callbacks=[finite_loss_guard()],
     )
     result = trainer.train()
     delta = require_trained(trainer.model, "reward")

@@ -42,7 +42,7 @@ def train_sft(cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *,
     args = SFTConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model.config.num_hidden_layers), callbacks=[finite_loss_guard()],
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model), callbacks=[finite_loss_guard()],
     )
     result = trainer.train()
     delta = require_trained(trainer.model, "sft")

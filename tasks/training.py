@@ -50,17 +50,31 @@ def trl_kwargs(cfg: TrainSection, out_dir: Path, seed: int) -> dict[str, Any]:
     return kwargs
 
 
-def lora_config(cfg: LoraSection, task_type: str, num_layers: int):
+def lora_config(cfg: LoraSection, task_type: str, model):
     """PEFT LoRA config; with `top_layers`, only the top layers get adapters (and gradients)."""
     from peft import LoraConfig
 
-    layers = None
+    layers, targets = None, cfg.target_modules
     if cfg.top_layers is not None:
-        layers = list(range(max(0, num_layers - cfg.top_layers), num_layers))
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - cfg.top_layers), n))
+        if targets == "all-linear":  # PEFT needs explicit names to restrict layers
+            targets = _linear_module_names(model)
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, task_type=task_type, layers_to_transform=layers,
+        target_modules=targets, task_type=task_type, layers_to_transform=layers,
     )
+
+
+def _linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the transformer blocks (not the output heads)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 def finite_loss_guard():

@@ -186,8 +186,10 @@ class GateSpec(Section):
     def name(self) -> str:
         if self.baseline is None:
             return f"{self.metric} {self.op} {self.threshold:g}"
-        sign = "+" if self.min_delta >= 0 else "-"
-        return f"{self.metric} {self.op} {self.baseline} {sign} {abs(self.min_delta):g}"
+        # `>=` needs baseline + delta; `<=` (lower is better) needs baseline - delta.
+        delta = self.min_delta if self.op == ">=" else -self.min_delta
+        sign = "+" if delta >= 0 else "-"
+        return f"{self.metric} {self.op} {self.baseline} {sign} {abs(delta):g}"
 
 
 def _default_gates() -> list[GateSpec]:

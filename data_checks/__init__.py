@@ -1,0 +1,1 @@
+"""Data validation: readers, formats, Great Expectations suites, LLM-aware checks. No Prefect."""

@@ -1,0 +1,1 @@
+"""Prefect wiring and the command line."""

@@ -1,0 +1,1 @@
+"""Stage logic: plain functions, artifact in, artifact out. No Prefect imports here."""
