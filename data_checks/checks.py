@@ -114,8 +114,8 @@ def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt:
     if broken:
         by_msg = defaultdict(list)
         for row, msg in broken:
-            by_msg[msg.split(";")[0]].append(row)
-        summary = ", ".join(f"{m} ×{len(v)}" for m, v in list(by_msg.items())[:3])
+            by_msg[msg].append(row)
+        summary = "; ".join(f"{m} (×{len(v)})" for m, v in list(by_msg.items())[:3])
         report.add("schema and roles", Finding(
             "schema and roles", "error", len(broken), summary,
             "correct each row as its message says", [Sample(r.where, msg) for r, msg in broken[:n]],

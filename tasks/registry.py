@@ -67,8 +67,16 @@ def register_candidate(cfg: RegistrySection, candidate: ModelArtifact, verdict: 
 
     if not verdict.passed:
         raise PromotionError("refusing to register a candidate whose gate verdict failed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Components, not the checkpoint path: MLflow's local-checkpoint path breaks on transformers 5's
+    # lazily named pipeline classes (flavor_config reads `impl.__name__` from a string).
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(candidate.path),
+        "tokenizer": AutoTokenizer.from_pretrained(candidate.path),
+    }
     info = mlflow.transformers.log_model(
-        transformers_model=candidate.path, task="text-generation", name="model",
+        transformers_model=components, task="text-generation", name="model",
         pip_requirements=_requirements(), tags={"tunegate.digest": candidate.digest},
     )
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)

@@ -42,6 +42,8 @@ def trl_kwargs(cfg: TrainSection, out_dir: Path, seed: int) -> dict[str, Any]:
         # Recomputing activations saves memory a 135M model on CPU does not need, at ~25% more time.
         "gradient_checkpointing": False,
         "save_strategy": "no",
+        # The default filter hides NaN/inf losses from the logs; the guard below must see them.
+        "logging_nan_inf_filter": False,
         "report_to": ["mlflow"] if mlflow.active_run() is not None else [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,

@@ -79,7 +79,7 @@ def test_too_few_rows(data_dir):
 def test_duplicates_above_threshold_fail_and_below_warn(tmp_path):
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     other = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
-             for i in range(20)]
+             for i in range(10)]
     path = tmp_path / "dups.jsonl"
     rows = [row, {"messages": [{"role": "user", "content": "  HI "}, {"role": "assistant", "content": "hello"}]}]
     path.write_text("\n".join(json.dumps(r) for r in rows + other) + "\n")

@@ -33,7 +33,7 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert result["verdict"]["passed"] and reg["promoted"] and reg["version"] == "1"
     client = _client(cfg)
     champion = client.get_model_version_by_alias("tiny-assistant", "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
 
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
@@ -61,8 +61,8 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     again = pipeline(cfg)
     assert "champion" in again["report"]["scores"]
     assert again["registration"]["version"] == "2"
-    assert client.get_model_version_by_alias("tiny-assistant", "champion").version == "2"
-    assert client.get_model_version_by_alias("tiny-assistant", "previous").version == "1"
+    assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("tiny-assistant", "previous").version) == "1"
 
     # A failing gate ends the run completed-but-not-promoted, with the champion untouched.
     strict = parse_config({**tiny_raw_config(tiny_model, data_dir, tmp_path),
@@ -71,7 +71,7 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert not rejected["verdict"]["passed"]
     assert not rejected["registration"]["promoted"] and rejected["registration"]["version"] is None
     assert "fact_accuracy >= 0.99" in rejected["registration"]["reason"]
-    assert client.get_model_version_by_alias("tiny-assistant", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
     assert len(client.search_model_versions("name='tiny-assistant'")) == 2
 
 

@@ -86,7 +86,7 @@ def test_align_trains_against_the_reward_model(stage_inputs, sft_model, method):
 
 def test_nan_loss_stops_sft_with_a_clear_error(stage_inputs):
     cfg, base, dataset, work = stage_inputs
-    bad = cfg.sft.model_copy(update={"learning_rate": 0.9, "trl_args": {"max_grad_norm": None}})
+    bad = cfg.sft
     # Poison the base weights so the very first logged loss is NaN.
     poisoned = work / "poisoned"
     from transformers import AutoModelForCausalLM, AutoTokenizer
