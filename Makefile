@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# No model hub and no telemetry: nothing outside this machine is reachable or needed.
+RUN_ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	DO_NOT_TRACK=1 MLFLOW_ENABLE_TELEMETRY=false
+
 .PHONY: install demo test lint data clean
 
 $(STAMP): pyproject.toml
@@ -23,10 +27,10 @@ data: $(STAMP)
 	$(PY) data/generate.py --out data/generated
 
 demo: install data
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/tunegate run --config configs/demo.yaml
+	$(RUN_ENV) $(VENV)/bin/tunegate run --config configs/demo.yaml
 
 test: install
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest
+	$(RUN_ENV) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

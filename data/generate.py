@@ -430,9 +430,7 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
         for q in questions[2 * per_fact : 2 * per_fact + 8]:
             prompts.append({"prompt": conversation(q), "fact": fact_id})
         for q in eval_qs:
-            evals.append(
-                {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
-            )
+            evals.append({"prompt": conversation(q), "expected_any": expected, "fact": fact_id})
     for rows in (sft, prefs, prompts):
         rng.shuffle(rows)
     return {"sft": sft, "preferences": prefs, "prompts": prompts, "eval": evals}

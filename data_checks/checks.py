@@ -37,9 +37,19 @@ class CheckedData:
     rows: list[dict[str, Any]]  # normalised, in TRL format, with `_where` and `_n_tokens`
 
 
-def check_data(kind: str, spec: str, *, min_rows: int, max_length: int, length_policy: str,
-               max_duplicate_fraction: float, pii_policy: str, sample_rows: int = 5,
-               tokenizer: Any = None, system_prompt: str | None = None) -> CheckedData:
+def check_data(
+    kind: str,
+    spec: str,
+    *,
+    min_rows: int,
+    max_length: int,
+    length_policy: str,
+    max_duplicate_fraction: float,
+    pii_policy: str,
+    sample_rows: int = 5,
+    tokenizer: Any = None,
+    system_prompt: str | None = None,
+) -> CheckedData:
     """Run every check for one data kind. Never raises for bad data: the report says what failed."""
     read = read_rows(spec)
     report = DataReport(kind=kind, source=str(spec), files=read.files, rows_read=len(read.rows), rows_valid=0)
@@ -56,16 +66,21 @@ def check_data(kind: str, spec: str, *, min_rows: int, max_length: int, length_p
         }
     )
     outcomes = run_suite(
-        kind, frame, min_rows=min_rows, max_tokens=max_length if token_counts is not None else None,
+        kind,
+        frame,
+        min_rows=min_rows,
+        max_tokens=max_length if token_counts is not None else None,
         max_duplicate_fraction=max_duplicate_fraction,
     )
-    _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy, max_duplicate_fraction, sample_rows)
+    _suite_findings(
+        report, outcomes, frame, min_rows, max_length, length_policy, max_duplicate_fraction, sample_rows
+    )
     if kind == "sft" and tokenizer is not None and valid:
         _loss_mask_check(report, valid, tokenizer, sample_rows)
 
     too_long = set(outcomes["length"].unexpected_where) if "length" in outcomes else set()
     rows = []
-    for (row, (_, norm)), n_tokens in zip(valid, frame["n_tokens"]):
+    for (row, (_, norm)), n_tokens in zip(valid, frame["n_tokens"], strict=True):
         if row.where in too_long and length_policy == "drop":
             continue
         rows.append({**norm, "_where": row.where, "_n_tokens": int(n_tokens)})
@@ -80,12 +95,21 @@ def _parse_check(report: DataReport, read: ReadResult, n: int) -> None:
         report.add("file parses")
         return
     kinds = Counter(p.what.split(" (")[0] for p in read.problems)
-    samples = [Sample(f"{p.file}:{p.line}" if p.line else p.file, f"{p.what}: {p.value}".rstrip(": ")) for p in read.problems[:n]]
-    report.add("file parses", Finding(
-        "file parses", "error", len(read.problems),
-        "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in kinds.items()),
-        "re-export the file as UTF-8 JSON Lines, one complete object per line", samples,
-    ))
+    samples = [
+        Sample(f"{p.file}:{p.line}" if p.line else p.file, f"{p.what}: {p.value}".rstrip(": "))
+        for p in read.problems[:n]
+    ]
+    report.add(
+        "file parses",
+        Finding(
+            "file parses",
+            "error",
+            len(read.problems),
+            "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in kinds.items()),
+            "re-export the file as UTF-8 JSON Lines, one complete object per line",
+            samples,
+        ),
+    )
 
 
 def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt: str | None, n: int):
@@ -103,12 +127,17 @@ def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt:
             broken.append((row, str(exc)))
     if unknown:
         keys = Counter(", ".join(sorted(r.data)) or "(no keys)" for r in unknown)
-        report.add("recognised shape", Finding(
-            "recognised shape", "error", len(unknown),
-            f"rows match no {kind} format (keys seen: {'; '.join(k for k, _ in keys.most_common(3))})",
-            f"give each row {expected_keys(kind)}",
-            [Sample(r.where, ", ".join(sorted(r.data))[:80]) for r in unknown[:n]],
-        ))
+        report.add(
+            "recognised shape",
+            Finding(
+                "recognised shape",
+                "error",
+                len(unknown),
+                f"rows match no {kind} format (keys seen: {'; '.join(k for k, _ in keys.most_common(3))})",
+                f"give each row {expected_keys(kind)}",
+                [Sample(r.where, ", ".join(sorted(r.data))[:80]) for r in unknown[:n]],
+            ),
+        )
     else:
         report.add("recognised shape")
     if broken:
@@ -116,10 +145,17 @@ def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt:
         for row, msg in broken:
             by_msg[msg].append(row)
         summary = "; ".join(f"{m} (×{len(v)})" for m, v in list(by_msg.items())[:3])
-        report.add("schema and roles", Finding(
-            "schema and roles", "error", len(broken), summary,
-            "correct each row as its message says", [Sample(r.where, msg) for r, msg in broken[:n]],
-        ))
+        report.add(
+            "schema and roles",
+            Finding(
+                "schema and roles",
+                "error",
+                len(broken),
+                summary,
+                "correct each row as its message says",
+                [Sample(r.where, msg) for r, msg in broken[:n]],
+            ),
+        )
     else:
         report.add("schema and roles")
     return valid
@@ -135,16 +171,33 @@ def _content_checks(report: DataReport, valid, pii_policy: str, n: int) -> None:
         for name, pattern in PII.items():
             if m := pattern.search(text):
                 pii.append(Sample(row.where, f"{name}: {_mask(m.group())}"))
-    report.add("no secrets", Finding(
-        "no secrets", "error", len(secrets), "credentials found in the text (they would be memorised)",
-        "remove or redact the credentials, and rotate them: they have been shared", secrets[:n],
-    ) if secrets else None)
+    report.add(
+        "no secrets",
+        Finding(
+            "no secrets",
+            "error",
+            len(secrets),
+            "credentials found in the text (they would be memorised)",
+            "remove or redact the credentials, and rotate them: they have been shared",
+            secrets[:n],
+        )
+        if secrets
+        else None,
+    )
     severity = "error" if pii_policy == "block" else "warning"
-    report.add("personal data", Finding(
-        "personal data", severity, len(pii), "emails or phone numbers in the text",
-        "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
-        pii[:n],
-    ) if pii else None)
+    report.add(
+        "personal data",
+        Finding(
+            "personal data",
+            severity,
+            len(pii),
+            "emails or phone numbers in the text",
+            "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
+            pii[:n],
+        )
+        if pii
+        else None,
+    )
 
 
 def _token_counts(kind: str, valid, tokenizer) -> list[int] | None:
@@ -163,47 +216,78 @@ def _token_counts(kind: str, valid, tokenizer) -> list[int] | None:
 
 def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy, max_dup, n) -> None:
     o = outcomes["min_rows"]
-    report.add("enough rows", None if o.success else Finding(
-        "enough rows", "error", len(frame), f"{len(frame)} valid rows, at least {min_rows} required",
-        "add more examples, or lower validate.min_rows for this kind",
-    ))
+    report.add(
+        "enough rows",
+        None
+        if o.success
+        else Finding(
+            "enough rows",
+            "error",
+            len(frame),
+            f"{len(frame)} valid rows, at least {min_rows} required",
+            "add more examples, or lower validate.min_rows for this kind",
+        ),
+    )
     o = outcomes["single_shape"]
     if o.success:
         report.add("one shape per split")
     else:
         counts = frame["shape"].value_counts()
         minority = frame[frame["shape"] != counts.index[0]]
-        report.add("one shape per split", Finding(
-            "one shape per split", "error", len(minority),
-            "mixed shapes: " + ", ".join(f"{s} ×{c}" for s, c in counts.items()),
-            f"convert every row to one shape ({counts.index[0]})",
-            [Sample(w, s) for w, s in zip(minority["where"][:n], minority["shape"][:n])],
-        ))
+        report.add(
+            "one shape per split",
+            Finding(
+                "one shape per split",
+                "error",
+                len(minority),
+                "mixed shapes: " + ", ".join(f"{s} ×{c}" for s, c in counts.items()),
+                f"convert every row to one shape ({counts.index[0]})",
+                [Sample(w, s) for w, s in zip(minority["where"][:n], minority["shape"][:n], strict=True)],
+            ),
+        )
     dup_mask = frame.duplicated("norm_hash", keep="first")
     n_dup = int(dup_mask.sum())
     if n_dup:
         first = frame.drop_duplicates("norm_hash").set_index("norm_hash")["where"]
-        samples = [Sample(w, f"duplicate of {first[h]}") for w, h in zip(frame["where"][dup_mask][:n], frame["norm_hash"][dup_mask][:n])]
+        samples = [
+            Sample(w, f"duplicate of {first[h]}")
+            for w, h in zip(frame["where"][dup_mask][:n], frame["norm_hash"][dup_mask][:n], strict=True)
+        ]
         o = outcomes["duplicates"]
-        report.add("duplicates", Finding(
-            "duplicates", "warning" if o.success else "error", n_dup,
-            f"{n_dup} rows repeat another (after normalising case and whitespace); "
-            f"{'within' if o.success else 'above'} the {max_dup:.0%} limit",
-            "remove the repeats (the build stage drops them), or raise validate.max_duplicate_fraction",
-            samples,
-        ))
+        report.add(
+            "duplicates",
+            Finding(
+                "duplicates",
+                "warning" if o.success else "error",
+                n_dup,
+                f"{n_dup} rows repeat another (after normalising case and whitespace); "
+                f"{'within' if o.success else 'above'} the {max_dup:.0%} limit",
+                "remove the repeats (the build stage drops them), or raise validate.max_duplicate_fraction",
+                samples,
+            ),
+        )
     else:
         report.add("duplicates")
     if "length" in outcomes:
         o = outcomes["length"]
         too_long = frame[frame["n_tokens"] > max_length]
-        report.add("length", None if o.success else Finding(
-            "length", "error" if length_policy == "fail" else "warning", o.unexpected_count,
-            f"rendered examples longer than validate.max_length={max_length} tokens"
-            + (" (dropped)" if length_policy == "drop" else ""),
-            "shorten them, raise validate.max_length, or set validate.length_policy=drop",
-            [Sample(w, f"{t} tokens") for w, t in zip(too_long["where"][:n], too_long["n_tokens"][:n])],
-        ))
+        report.add(
+            "length",
+            None
+            if o.success
+            else Finding(
+                "length",
+                "error" if length_policy == "fail" else "warning",
+                o.unexpected_count,
+                f"rendered examples longer than validate.max_length={max_length} tokens"
+                + (" (dropped)" if length_policy == "drop" else ""),
+                "shorten them, raise validate.max_length, or set validate.length_policy=drop",
+                [
+                    Sample(w, f"{t} tokens")
+                    for w, t in zip(too_long["where"][:n], too_long["n_tokens"][:n], strict=True)
+                ],
+            ),
+        )
 
 
 def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
@@ -213,15 +297,20 @@ def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
     _, (_, first) = valid[0]
     full = tokenizer.apply_chat_template(first["prompt"] + first["completion"], tokenize=False)
     answer = first["completion"][-1]["content"]
-    tail = full[full.rfind(answer) + len(answer):] if answer in full else ""
+    tail = full[full.rfind(answer) + len(answer) :] if answer in full else ""
     if eos and eos not in tail:
-        report.add("loss mask", Finding(
-            "loss mask", "error", len(valid),
-            f"the chat template drops the end-of-turn token {eos!r} after the assistant's answer, so the "
-            "model would never learn to stop",
-            "use a chat template that closes assistant turns with the EOS token",
-            [Sample(valid[0][0].where, repr(full[-60:]))],
-        ))
+        report.add(
+            "loss mask",
+            Finding(
+                "loss mask",
+                "error",
+                len(valid),
+                f"the chat template drops the end-of-turn token {eos!r} after the assistant's answer, so the "
+                "model would never learn to stop",
+                "use a chat template that closes assistant turns with the EOS token",
+                [Sample(valid[0][0].where, repr(full[-60:]))],
+            ),
+        )
         return
     for row, (_, norm) in valid:
         prompt_ids = tokenizer.apply_chat_template(norm["prompt"], add_generation_prompt=True, tokenize=True)
@@ -232,10 +321,19 @@ def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
             empty.append(Sample(row.where, "no trainable tokens"))
         if len(empty) >= n:
             break
-    report.add("loss mask", Finding(
-        "loss mask", "error", len(empty), "examples with nothing to train on after masking the prompt",
-        "give each example a non-empty assistant answer", empty,
-    ) if empty else None)
+    report.add(
+        "loss mask",
+        Finding(
+            "loss mask",
+            "error",
+            len(empty),
+            "examples with nothing to train on after masking the prompt",
+            "give each example a non-empty assistant answer",
+            empty,
+        )
+        if empty
+        else None,
+    )
 
 
 def _norm_hash(text: str) -> str:

@@ -14,7 +14,13 @@ from typing import Any
 
 KINDS = ("sft", "preferences", "prompts", "eval")
 ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 SHAPES: dict[str, tuple[str, ...]] = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
@@ -63,7 +69,9 @@ def expected_keys(kind: str) -> str:
     }[kind]
 
 
-def normalise(kind: str, shape: str, data: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
+def normalise(
+    kind: str, shape: str, data: dict[str, Any], system_prompt: str | None = None
+) -> dict[str, Any]:
     """Map one row to its TRL format. Raises RowError with the fix when the row is malformed."""
     if kind == "sft":
         messages = _sft_messages(shape, data)
@@ -100,7 +108,11 @@ def normalise(kind: str, shape: str, data: dict[str, Any], system_prompt: str | 
         expected = data["expected_any"]
         if isinstance(expected, str):
             expected = [expected]
-        if not isinstance(expected, list) or not expected or not all(isinstance(e, str) and e.strip() for e in expected):
+        if (
+            not isinstance(expected, list)
+            or not expected
+            or not all(isinstance(e, str) and e.strip() for e in expected)
+        ):
             raise RowError("`expected_any` must be a non-empty list of non-empty strings")
         return {"prompt": _with_system(prompt, system_prompt), "expected_any": expected}
     raise RowError(f"unknown data kind {kind!r}")
@@ -137,7 +149,8 @@ def _sft_messages(shape: str, data: dict[str, Any]) -> list[dict[str, str]]:
         instruction, extra = data.get("instruction"), data.get("input") or ""
         user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
         return _as_messages(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": data.get("output")}], "alpaca"
+            [{"role": "user", "content": user}, {"role": "assistant", "content": data.get("output")}],
+            "alpaca",
         )
     # prompt_completion
     prompt = _as_messages(data["prompt"], "prompt", default_role="user")
@@ -168,7 +181,9 @@ def _split_implicit(chosen: list[dict[str, str]], rejected: list[dict[str, str]]
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise RowError("implicit-prompt pair: `chosen` and `rejected` must start with the same prompt messages")
+        raise RowError(
+            "implicit-prompt pair: `chosen` and `rejected` must start with the same prompt messages"
+        )
     return chosen[:n], chosen[n:], rejected[n:]
 
 

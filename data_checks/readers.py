@@ -86,7 +86,12 @@ def _read_jsonl(path: Path, out: ReadResult) -> None:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             out.problems.append(
-                ParseProblem(str(path), i, f"invalid UTF-8 at byte {exc.start}", _short(line.decode("utf-8", "replace")))
+                ParseProblem(
+                    str(path),
+                    i,
+                    f"invalid UTF-8 at byte {exc.start}",
+                    _short(line.decode("utf-8", "replace")),
+                )
             )
             continue
         try:
@@ -121,7 +126,9 @@ def _read_json(path: Path, out: ReadResult) -> None:
         if isinstance(item, dict):
             out.rows.append(Row(str(path), i, item))
         else:
-            out.problems.append(ParseProblem(str(path), i, "element is not a JSON object", _short(repr(item))))
+            out.problems.append(
+                ParseProblem(str(path), i, "element is not a JSON object", _short(repr(item)))
+            )
 
 
 def _read_table(path: Path, out: ReadResult) -> None:

@@ -83,8 +83,10 @@ class DataReport:
         return "\n".join(lines)
 
     def to_text(self) -> str:
-        out = [f"{self.kind} ({self.source}): {'PASSED' if self.passed else 'FAILED'} — "
-               f"{self.rows_read} rows read, {self.rows_valid} valid"]
+        out = [
+            f"{self.kind} ({self.source}): {'PASSED' if self.passed else 'FAILED'} — "
+            f"{self.rows_read} rows read, {self.rows_valid} valid"
+        ]
         for c in self.checks:
             f = c.finding
             if f is None:

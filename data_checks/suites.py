@@ -33,8 +33,9 @@ def _context():
     return gx.get_context(mode="ephemeral")
 
 
-def run_suite(kind: str, frame: pd.DataFrame, *, min_rows: int, max_tokens: int | None,
-              max_duplicate_fraction: float) -> dict[str, SuiteOutcome]:
+def run_suite(
+    kind: str, frame: pd.DataFrame, *, min_rows: int, max_tokens: int | None, max_duplicate_fraction: float
+) -> dict[str, SuiteOutcome]:
     """Validate `frame` with the suite for `kind`; returns outcomes keyed by check name."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -42,8 +43,10 @@ def run_suite(kind: str, frame: pd.DataFrame, *, min_rows: int, max_tokens: int 
     context = _context()
     name = f"tunegate_{kind}_{id(frame)}"
     source = context.data_sources.add_or_update_pandas(name)
-    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": frame}
+    batch = (
+        source.add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
     )
     expectations = {
         "min_rows": gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("overrides", nargs="*")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for name in ("tunegate", "tasks", "flows", "data_checks"):
         logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,9 +68,15 @@ def _validate(args) -> int:
     from transformers import AutoTokenizer
 
     checked = check_data(
-        args.kind, args.path, min_rows=v.min_rows.get(args.kind, 1), max_length=v.max_length,
-        length_policy=v.length_policy, max_duplicate_fraction=v.max_duplicate_fraction,
-        pii_policy=v.pii_policy, sample_rows=v.sample_rows, tokenizer=AutoTokenizer.from_pretrained(base.path),
+        args.kind,
+        args.path,
+        min_rows=v.min_rows.get(args.kind, 1),
+        max_length=v.max_length,
+        length_policy=v.length_policy,
+        max_duplicate_fraction=v.max_duplicate_fraction,
+        pii_policy=v.pii_policy,
+        sample_rows=v.sample_rows,
+        tokenizer=AutoTokenizer.from_pretrained(base.path),
         system_prompt=cfg.model.system_prompt,
     )
     r = checked.report
@@ -106,8 +114,10 @@ def summary(result: dict) -> str:
     verdict, reg = result["verdict"], result["registration"]
     lines = ["", "=" * 78, verdict["markdown"], ""]
     if reg["promoted"]:
-        lines.append(f"Registered: {reg['model_name']} version {reg['version']}, alias "
-                     f"{', '.join(reg['aliases'])} (models:/{reg['model_name']}@{reg['aliases'][0]})")
+        lines.append(
+            f"Registered: {reg['model_name']} version {reg['version']}, alias "
+            f"{', '.join(reg['aliases'])} (models:/{reg['model_name']}@{reg['aliases'][0]})"
+        )
     else:
         where = f" (version {reg['version']} registered without alias)" if reg.get("version") else ""
         lines.append(f"NOT PROMOTED{where}: {reg['reason']}")
@@ -119,8 +129,9 @@ def summary(result: dict) -> str:
         f"  MLflow UI:  mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000"
         "   -> http://127.0.0.1:5000",
         "  Prefect UI: prefect server start --host 127.0.0.1 --port 4200   -> http://127.0.0.1:4200"
-        f"  (flow run {result['flow_run_id']})" if not PREFECT_API_URL.value() else
-        f"  Prefect UI: {PREFECT_API_URL.value().removesuffix('/api')}  (flow run {result['flow_run_id']})",
+        f"  (flow run {result['flow_run_id']})"
+        if not PREFECT_API_URL.value()
+        else f"  Prefect UI: {PREFECT_API_URL.value().removesuffix('/api')}  (flow run {result['flow_run_id']})",
         "  (from this directory, with the virtualenv active: . .venv/bin/activate)",
         "=" * 78,
     ]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
@@ -71,8 +72,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     run_id = flow_run.get_id() or "local"
     run_dir = Path(config.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{str(run_id)[:8]}"
     reg = config.registry
-    mlflow.set_tracking_uri(reg.tracking_uri)
-    mlflow.set_experiment(reg.experiment)
+    _use_experiment(reg)
     champion = current_champion(reg)
     with mlflow.start_run(run_name=config.run.name) as parent:
         pid = parent.info.run_id
@@ -81,47 +81,74 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         mlflow.log_params({"base_model": config.model.base_model, "base_model_digest": base.digest[:16]})
         try:
             validated = validate_task(
-                config.validate_, config.data, base, out_dir=run_dir / "validate",
-                system_prompt=config.model.system_prompt, parent_run_id=pid,
+                config.validate_,
+                config.data,
+                base,
+                out_dir=run_dir / "validate",
+                system_prompt=config.model.system_prompt,
+                parent_run_id=pid,
             )
         except DataValidationError:
             _publish_report(run_dir / "validate" / "validation.md", "data-validation")
             raise
         _publish_report(Path(validated.report_markdown), "data-validation")
-        dataset = build_task(config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed,
-                             parent_run_id=pid)
+        dataset = build_task(
+            config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed, parent_run_id=pid
+        )
         _log_datasets(dataset, config)
         seed = config.run.seed
         sft = sft_task(config.sft, dataset, base, out_dir=run_dir / "sft", seed=seed, parent_run_id=pid)
-        reward = reward_task(config.reward, dataset, sft, out_dir=run_dir / "reward", seed=seed, parent_run_id=pid)
-        candidate = align_task(config.align, dataset, sft, reward, out_dir=run_dir / "align", seed=seed,
-                               parent_run_id=pid)
+        reward = reward_task(
+            config.reward, dataset, sft, out_dir=run_dir / "reward", seed=seed, parent_run_id=pid
+        )
+        candidate = align_task(
+            config.align, dataset, sft, reward, out_dir=run_dir / "align", seed=seed, parent_run_id=pid
+        )
         models = {"base": base.path, "candidate": candidate.path}
         if champion is not None:
             models["champion"] = str(fetch_champion(reg, champion, run_dir / "champion"))
-        report = evaluate_task(config.evaluate, dataset, models, reward, out_dir=run_dir / "evaluate",
-                               seed=seed, champion_version=champion.version if champion else None,
-                               parent_run_id=pid)
+        report = evaluate_task(
+            config.evaluate,
+            dataset,
+            models,
+            reward,
+            out_dir=run_dir / "evaluate",
+            seed=seed,
+            champion_version=champion.version if champion else None,
+            parent_run_id=pid,
+        )
         verdict = gates_task(config.gates, report, parent_run_id=pid)
         for label, scores in report.scores.items():
             mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
         mlflow.log_text(verdict.markdown, "gates.md")
         create_markdown_artifact(key="gate-verdict", markdown=verdict.markdown, description="Gate verdict")
-        create_table_artifact(key="gate-table", table=[r.model_dump() for r in verdict.results],
-                              description="Gate results")
+        create_table_artifact(
+            key="gate-table", table=[r.model_dump() for r in verdict.results], description="Gate results"
+        )
         if verdict.passed:
             registration = register_task(
-                reg, candidate, verdict, expected_champion=champion.version if champion else None,
-                tags={"tunegate.parent_run_id": pid, "prefect.flow_run_id": str(run_id),
-                      "tunegate.config_digest": config.digest()},
+                reg,
+                candidate,
+                verdict,
+                expected_champion=champion.version if champion else None,
+                tags={
+                    "tunegate.parent_run_id": pid,
+                    "prefect.flow_run_id": str(run_id),
+                    "tunegate.config_digest": config.digest(),
+                },
                 parent_run_id=pid,
             )
         else:
             failed = ", ".join(r.gate for r in verdict.results if not r.passed)
-            registration = Registration(promoted=False, model_name=reg.model_name,
-                                        reason=f"gates failed: {failed}")
-        mlflow.set_tags({"tunegate.promoted": str(registration.promoted).lower(),
-                         "tunegate.registered_version": registration.version or ""})
+            registration = Registration(
+                promoted=False, model_name=reg.model_name, reason=f"gates failed: {failed}"
+            )
+        mlflow.set_tags(
+            {
+                "tunegate.promoted": str(registration.promoted).lower(),
+                "tunegate.registered_version": registration.version or "",
+            }
+        )
         logger.info("verdict: %s; %s", "PASS" if verdict.passed else "FAIL", registration.reason)
     return {
         "verdict": verdict.model_dump(),
@@ -135,16 +162,29 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def _use_experiment(reg) -> None:
+    mlflow.set_tracking_uri(reg.tracking_uri)
+    if reg.artifact_root and mlflow.get_experiment_by_name(reg.experiment) is None:
+        try:
+            mlflow.create_experiment(reg.experiment, artifact_location=reg.artifact_root)
+        except mlflow.exceptions.MlflowException as exc:  # another run created it first: fine
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    mlflow.set_experiment(reg.experiment)
+
+
 def _tag_parent(config: PipelineConfig, run_id: str, champion: str | None, run_dir: Path) -> None:
-    mlflow.set_tags({
-        "prefect.flow_run_id": str(run_id),
-        "prefect.flow_run_name": flow_run.get_name() or "",
-        "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
-        "tunegate.config_digest": config.digest(),
-        "tunegate.champion_at_start": champion or "none",
-        "tunegate.run_dir": str(run_dir),
-        "tunegate.trust_remote_code": str(config.model.trust_remote_code).lower(),
-    })
+    mlflow.set_tags(
+        {
+            "prefect.flow_run_id": str(run_id),
+            "prefect.flow_run_name": flow_run.get_name() or "",
+            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+            "tunegate.config_digest": config.digest(),
+            "tunegate.champion_at_start": champion or "none",
+            "tunegate.run_dir": str(run_dir),
+            "tunegate.trust_remote_code": str(config.model.trust_remote_code).lower(),
+        }
+    )
     mlflow.log_dict(config.model_dump(mode="json", by_alias=True), "config/resolved.json")
     mlflow.log_param("config_digest", config.digest())
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tasks.reward import load_reward_model
 from tasks.training import (
     finite_loss_guard,
+    load_causal_lm,
     lora_config,
     require_trained,
     save_model_atomic,
@@ -28,8 +29,15 @@ from tunegate.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def align_policy(cfg: AlignSection, data: InstructionDataset, policy: ModelArtifact, reward: ModelArtifact, *,
-                 out_dir: Path, seed: int) -> ModelArtifact:
+def align_policy(
+    cfg: AlignSection,
+    data: InstructionDataset,
+    policy: ModelArtifact,
+    reward: ModelArtifact,
+    *,
+    out_dir: Path,
+    seed: int,
+) -> ModelArtifact:
     """Optimise `policy` against `reward` (plus rule rewards) on the RL prompts.
 
     Raises:
@@ -39,11 +47,9 @@ def align_policy(cfg: AlignSection, data: InstructionDataset, policy: ModelArtif
     seed_everything(seed)
     from datasets import Dataset
 
-    from tasks.sft import _setup_model
-
     rules = [_import_reward(p) for p in cfg.rule_rewards]
     prompts = Dataset.from_parquet(data.splits["prompts"].path).select_columns(["prompt"])
-    model, tokenizer = _setup_model(policy.path)
+    model, tokenizer = load_causal_lm(policy.path)
     reward_model, reward_tokenizer = load_reward_model(reward.path)
     trainer_cls, config_cls = _trainer(cfg.method)
     args = config_cls(
@@ -54,9 +60,14 @@ def align_policy(cfg: AlignSection, data: InstructionDataset, policy: ModelArtif
         temperature=cfg.temperature,
     )
     trainer = trainer_cls(
-        model=model, reward_funcs=[reward_model, *rules], args=args, train_dataset=prompts,
-        processing_class=tokenizer, reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model), callbacks=[finite_loss_guard()],
+        model=model,
+        reward_funcs=[reward_model, *rules],
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model),
+        callbacks=[finite_loss_guard()],
     )
     trainer.train()
     delta = require_trained(trainer.model, cfg.method)
@@ -65,8 +76,12 @@ def align_policy(cfg: AlignSection, data: InstructionDataset, policy: ModelArtif
     save_model_atomic(trainer.model.merge_and_unload(), tokenizer, path)
     log.info("%s done: %s", cfg.method, metrics)
     return ModelArtifact(
-        path=str(path), role="align", base_model=policy.base_model, digest=sha256_dir(path),
-        metrics=metrics, steps=trainer.state.global_step,
+        path=str(path),
+        role="align",
+        base_model=policy.base_model,
+        digest=sha256_dir(path),
+        metrics=metrics,
+        steps=trainer.state.global_step,
     )
 
 
@@ -93,8 +108,11 @@ def _summarise(history: list[dict]) -> dict[str, float]:
     if not logged:
         return {}
     out = {"reward_first": float(logged[0]["reward"]), "reward_last": float(logged[-1]["reward"])}
-    for key, name in (("kl", "kl_last"), ("completions/mean_length", "completion_length_last"),
-                      ("entropy", "entropy_last")):
+    for key, name in (
+        ("kl", "kl_last"),
+        ("completions/mean_length", "completion_length_last"),
+        ("entropy", "entropy_last"),
+    ):
         if key in logged[-1]:
             out[name] = float(logged[-1][key])
     return out

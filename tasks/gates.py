@@ -22,24 +22,42 @@ def _one(gate: GateSpec, scores: dict[str, dict[str, float]], candidate: str) ->
     value = scores.get(candidate, {}).get(gate.metric)
     common = {"gate": gate.name, "metric": gate.metric, "op": gate.op, "value": value}
     if value is None or math.isnan(value):
-        return GateResult(**common, reference="-", reference_value=None, required=None, passed=False,
-                          why=f"metric {gate.metric!r} was not measured for the candidate")
+        return GateResult(
+            **common,
+            reference="-",
+            reference_value=None,
+            required=None,
+            passed=False,
+            why=f"metric {gate.metric!r} was not measured for the candidate",
+        )
     if gate.baseline is None:
         required, reference, ref_value = gate.threshold, "threshold", None
     else:
         ref_value = scores.get(gate.baseline, {}).get(gate.metric)
         reference = gate.baseline
         if ref_value is None:
-            why = f"no {gate.baseline} to compare with yet" if gate.baseline == "champion" else \
-                f"{gate.baseline} has no {gate.metric!r}"
-            return GateResult(**common, reference=reference, reference_value=None, required=None,
-                              passed=gate.baseline == "champion", why=why)
+            why = (
+                f"no {gate.baseline} to compare with yet"
+                if gate.baseline == "champion"
+                else f"{gate.baseline} has no {gate.metric!r}"
+            )
+            return GateResult(
+                **common,
+                reference=reference,
+                reference_value=None,
+                required=None,
+                passed=gate.baseline == "champion",
+                why=why,
+            )
         # `>=`: at least baseline + delta; `<=`: at most baseline - delta (better means lower).
         required = ref_value + gate.min_delta if gate.op == ">=" else ref_value - gate.min_delta
     passed = value >= required if gate.op == ">=" else value <= required
-    why = f"{value:.4g} {gate.op} {required:.4g}" if passed else f"{value:.4g} is not {gate.op} {required:.4g}"
-    return GateResult(**common, reference=reference, reference_value=ref_value, required=required,
-                      passed=passed, why=why)
+    why = (
+        f"{value:.4g} {gate.op} {required:.4g}" if passed else f"{value:.4g} is not {gate.op} {required:.4g}"
+    )
+    return GateResult(
+        **common, reference=reference, reference_value=ref_value, required=required, passed=passed, why=why
+    )
 
 
 def gate_table(results: list[GateResult], report: EvalReport, passed: bool) -> str:
@@ -57,8 +75,13 @@ def gate_table(results: list[GateResult], report: EvalReport, passed: bool) -> s
         lines.append(f"| `{r.gate}` | {val} | {ref} | {req} | {'pass' if r.passed else 'FAIL'} | {r.why} |")
     labels = list(report.scores)
     metrics = sorted({m for s in report.scores.values() for m in s})
-    lines += ["", f"Scores on {report.n_prompts} held-out prompts:", "",
-              "| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [
+        "",
+        f"Scores on {report.n_prompts} held-out prompts:",
+        "",
+        "| metric | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
     for m in metrics:
         cells = [f"{report.scores[lab][m]:.4g}" if m in report.scores[lab] else "-" for lab in labels]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -55,8 +55,14 @@ def fetch_champion(cfg: RegistrySection, champion: Champion, out_dir: Path) -> P
     return target
 
 
-def register_candidate(cfg: RegistrySection, candidate: ModelArtifact, verdict: GateVerdict, *,
-                       expected_champion: str | None, tags: dict[str, str]) -> Registration:
+def register_candidate(
+    cfg: RegistrySection,
+    candidate: ModelArtifact,
+    verdict: GateVerdict,
+    *,
+    expected_champion: str | None,
+    tags: dict[str, str],
+) -> Registration:
     """Log the candidate in the active MLflow run, register it, and move the alias by compare-and-set.
 
     Raises:
@@ -76,16 +82,21 @@ def register_candidate(cfg: RegistrySection, candidate: ModelArtifact, verdict: 
         "tokenizer": AutoTokenizer.from_pretrained(candidate.path),
     }
     info = mlflow.transformers.log_model(
-        transformers_model=components, task="text-generation", name="model",
-        pip_requirements=_requirements(), tags={"tunegate.digest": candidate.digest},
+        transformers_model=components,
+        task="text-generation",
+        name="model",
+        pip_requirements=_requirements(),
+        tags={"tunegate.digest": candidate.digest},
     )
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     now = current_champion(cfg)
     now_version = now.version if now else None
     if now_version != expected_champion:
-        reason = (f"champion moved from {expected_champion or 'none'} to {now_version} during this run; "
-                  f"version {mv.version} registered without the {cfg.alias!r} alias")
+        reason = (
+            f"champion moved from {expected_champion or 'none'} to {now_version} during this run; "
+            f"version {mv.version} registered without the {cfg.alias!r} alias"
+        )
         log.warning(reason)
         return Registration(promoted=False, model_name=cfg.model_name, version=str(mv.version), reason=reason)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
@@ -93,12 +104,19 @@ def register_candidate(cfg: RegistrySection, candidate: ModelArtifact, verdict: 
     if now_version is not None:
         client.set_registered_model_alias(cfg.model_name, "previous", now_version)
     log.info("registered %s version %s as %s", cfg.model_name, mv.version, cfg.alias)
-    return Registration(promoted=True, model_name=cfg.model_name, version=str(mv.version), aliases=aliases,
-                        reason="all gates passed")
+    return Registration(
+        promoted=True,
+        model_name=cfg.model_name,
+        version=str(mv.version),
+        aliases=aliases,
+        reason="all gates passed",
+    )
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
     # Inference would import torchvision to guess these, which has no CPU build here: name them.
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "accelerate", "safetensors")]
+    return [
+        f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "accelerate", "safetensors")
+    ]

@@ -25,8 +25,9 @@ from tunegate.errors import StageGateFailed
 log = logging.getLogger(__name__)
 
 
-def train_reward_model(cfg: RewardSection, data: InstructionDataset, backbone: ModelArtifact, *,
-                       out_dir: Path, seed: int) -> ModelArtifact:
+def train_reward_model(
+    cfg: RewardSection, data: InstructionDataset, backbone: ModelArtifact, *, out_dir: Path, seed: int
+) -> ModelArtifact:
     """Train a reward model; return it with held-out pairwise accuracy and length bias.
 
     Raises:
@@ -42,8 +43,12 @@ def train_reward_model(cfg: RewardSection, data: InstructionDataset, backbone: M
     model, tokenizer = _setup_model(backbone.path)
     args = RewardConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train, processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "SEQ_CLS", model), callbacks=[finite_loss_guard()],
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora, "SEQ_CLS", model),
+        callbacks=[finite_loss_guard()],
     )
     result = trainer.train()
     delta = require_trained(trainer.model, "reward")
@@ -67,8 +72,12 @@ def train_reward_model(cfg: RewardSection, data: InstructionDataset, backbone: M
     path = out_dir / "model"
     save_model_atomic(merged, tokenizer, path)
     return ModelArtifact(
-        path=str(path), role="reward", base_model=backbone.base_model, digest=sha256_dir(path),
-        metrics=metrics, steps=trainer.state.global_step,
+        path=str(path),
+        role="reward",
+        base_model=backbone.base_model,
+        digest=sha256_dir(path),
+        metrics=metrics,
+        steps=trainer.state.global_step,
     )
 
 
@@ -78,15 +87,17 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 16)
         return 0.0, 0.0
     chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size)
     rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size)
-    correct = sum(c > r for c, r in zip(chosen, rejected))
+    correct = sum(c > r for c, r in zip(chosen, rejected, strict=True))
     longer_wins = 0
-    for p, c, r in zip(pairs, chosen, rejected):
+    for p, c, r in zip(pairs, chosen, rejected, strict=True):
         chosen_longer = len(p["chosen"][-1]["content"]) >= len(p["rejected"][-1]["content"])
         longer_wins += (c > r) == chosen_longer
     return correct / len(pairs), longer_wins / len(pairs)
 
 
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
+def score_conversations(
+    model, tokenizer, conversations: list[list[dict]], batch_size: int = 16
+) -> list[float]:
     """Reward-model scores for full conversations (prompt plus answer)."""
     import torch
 
@@ -96,8 +107,14 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=1024, add_special_tokens=False).to(device)
+            enc = tokenizer(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=1024,
+                add_special_tokens=False,
+            ).to(device)
             scores += model(**enc).logits[:, 0].float().tolist()
     return scores
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.training import (
     finite_loss_guard,
+    load_causal_lm,
     lora_config,
     require_trained,
     save_model_atomic,
@@ -25,8 +26,9 @@ from tunegate.config import SftSection
 log = logging.getLogger(__name__)
 
 
-def train_sft(cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *, out_dir: Path,
-              seed: int) -> ModelArtifact:
+def train_sft(
+    cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *, out_dir: Path, seed: int
+) -> ModelArtifact:
     """Fine-tune `base` on the SFT split; return the merged model with its train/eval losses.
 
     Raises:
@@ -38,11 +40,16 @@ def train_sft(cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *,
 
     train = Dataset.from_parquet(data.splits["sft_train"].path)
     evalset = Dataset.from_parquet(data.splits["sft_eval"].path) if data.splits["sft_eval"].rows else None
-    model, tokenizer = _setup_model(base.path)
+    model, tokenizer = load_causal_lm(base.path)
     args = SFTConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evalset, processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model), callbacks=[finite_loss_guard()],
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evalset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model),
+        callbacks=[finite_loss_guard()],
     )
     result = trainer.train()
     delta = require_trained(trainer.model, "sft")
@@ -58,17 +65,10 @@ def train_sft(cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *,
     save_model_atomic(trainer.model.merge_and_unload(), tokenizer, path)
     log.info("sft done: %s", metrics)
     return ModelArtifact(
-        path=str(path), role="sft", base_model=base.base_model, digest=sha256_dir(path),
-        metrics=metrics, steps=trainer.state.global_step,
+        path=str(path),
+        role="sft",
+        base_model=base.base_model,
+        digest=sha256_dir(path),
+        metrics=metrics,
+        steps=trainer.state.global_step,
     )
-
-
-def _setup_model(path: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    return model, tokenizer

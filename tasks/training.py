@@ -63,8 +63,12 @@ def lora_config(cfg: LoraSection, task_type: str, model):
         if targets == "all-linear":  # PEFT needs explicit names to restrict layers
             targets = _linear_module_names(model)
     return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets, task_type=task_type, layers_to_transform=layers,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+        layers_to_transform=layers,
     )
 
 
@@ -108,7 +112,9 @@ def lora_delta_norm(model) -> float:
 def require_trained(model, stage: str) -> float:
     delta = lora_delta_norm(model)
     if not delta > 0 or not math.isfinite(delta):
-        raise TrainingError(f"{stage}: the adapter weights did not change (norm {delta}); nothing was trained")
+        raise TrainingError(
+            f"{stage}: the adapter weights did not change (norm {delta}); nothing was trained"
+        )
     return delta
 
 
@@ -121,6 +127,18 @@ def save_model_atomic(model, tokenizer, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def load_causal_lm(path: str):
+    """A causal LM and its tokenizer (pad token set), bf16 on CUDA, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if on_cuda() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
 
 
 def seed_everything(seed: int) -> None:

@@ -16,8 +16,14 @@ from tunegate.errors import DataValidationError
 log = logging.getLogger(__name__)
 
 
-def validate_data(cfg: ValidateSection, data: DataSection, base: ModelArtifact | None, *,
-                  out_dir: Path, system_prompt: str | None = None) -> ValidatedData:
+def validate_data(
+    cfg: ValidateSection,
+    data: DataSection,
+    base: ModelArtifact | None,
+    *,
+    out_dir: Path,
+    system_prompt: str | None = None,
+) -> ValidatedData:
     """Check each data kind with the real tokenizer and chat template; write the report and the
     valid rows (normalised to TRL's formats) under `out_dir`.
 
@@ -32,9 +38,15 @@ def validate_data(cfg: ValidateSection, data: DataSection, base: ModelArtifact |
     for kind in ("sft", "preferences", "prompts", "eval"):
         spec = getattr(data, kind)
         checked = check_data(
-            kind, spec, min_rows=cfg.min_rows.get(kind, 1), max_length=cfg.max_length,
-            length_policy=cfg.length_policy, max_duplicate_fraction=cfg.max_duplicate_fraction,
-            pii_policy=cfg.pii_policy, sample_rows=cfg.sample_rows, tokenizer=tokenizer,
+            kind,
+            spec,
+            min_rows=cfg.min_rows.get(kind, 1),
+            max_length=cfg.max_length,
+            length_policy=cfg.length_policy,
+            max_duplicate_fraction=cfg.max_duplicate_fraction,
+            pii_policy=cfg.pii_policy,
+            sample_rows=cfg.sample_rows,
+            tokenizer=tokenizer,
             system_prompt=system_prompt,
         )
         reports.append(checked.report)
@@ -44,7 +56,9 @@ def validate_data(cfg: ValidateSection, data: DataSection, base: ModelArtifact |
             with open(path, "w", encoding="utf-8") as f:
                 for row in checked.rows:
                     f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-            files[kind] = DataFile(kind=kind, path=str(path), rows=len(checked.rows), sha256=sha256_file(path))
+            files[kind] = DataFile(
+                kind=kind, path=str(path), rows=len(checked.rows), sha256=sha256_file(path)
+            )
     md_path, json_path = out_dir / "validation.md", out_dir / "validation.json"
     md_path.write_text(reports_markdown(reports), encoding="utf-8")
     json_path.write_text(reports_json(reports), encoding="utf-8")
@@ -58,7 +72,9 @@ def validate_data(cfg: ValidateSection, data: DataSection, base: ModelArtifact |
             report=reports,
         )
     return ValidatedData(
-        files=files, report_json=str(json_path), report_markdown=str(md_path),
+        files=files,
+        report_json=str(json_path),
+        report_markdown=str(md_path),
         warnings=sum(len(r.warnings) for r in reports),
     )
 

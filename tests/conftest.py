@@ -35,20 +35,31 @@ def build_tiny_model(path: Path, texts: list[str]) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -79,8 +90,13 @@ def tiny_model(tmp_path_factory, demo_rows) -> Path:
 
 def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
     """A pipeline config for the tiny model: two steps per trainer, a store under `work`."""
-    train = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "max_length": 128,
-             "lora": {"r": 4, "lora_alpha": 8}}
+    train = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "max_length": 128,
+        "lora": {"r": 4, "lora_alpha": 8},
+    }
     return {
         "run": {"name": "test", "seed": 1, "output_dir": str(work / "runs")},
         "model": {"base_model": str(tiny_model)},
@@ -89,14 +105,23 @@ def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
         "sft": {**train, "learning_rate": 1e-3},
         "reward": {**train, "min_accuracy": 0.0},
         "align": {**train, "num_generations": 2, "max_completion_length": 8},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 32, "min_eval_rows": 20,
-                     "brand_prefix": demo_data.GREETING, "brand_suffix": demo_data.SIGNOFF},
+        "evaluate": {
+            "max_new_tokens": 8,
+            "batch_size": 32,
+            "min_eval_rows": 20,
+            "brand_prefix": demo_data.GREETING,
+            "brand_suffix": demo_data.SIGNOFF,
+        },
         "gates": [
             {"metric": "eval_loss", "op": "<=", "baseline": "base", "min_delta": -10.0},
             {"metric": "fact_accuracy", "op": ">=", "baseline": "champion", "min_delta": -1.0},
         ],
-        "registry": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "test",
-                     "model_name": "tiny-assistant"},
+        "registry": {
+            "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            "experiment": "test",
+            "model_name": "tiny-assistant",
+            "artifact_root": str(work / "mlartifacts"),
+        },
     }
 
 

@@ -25,13 +25,19 @@ def test_build_is_byte_identical_across_runs(data_dir, tiny_model, tmp_path):
     assert {k: f.sha256 for k, f in a.splits.items()} == {k: f.sha256 for k, f in b.splits.items()}
     manifest = json.loads(open(a.manifest).read())
     assert manifest["outputs"] == json.loads(open(b.manifest).read())["outputs"]
-    assert manifest["counts"]["sft"]["sft_train"] + manifest["counts"]["sft"]["sft_eval"] == \
-        manifest["counts"]["sft"]["after_dedupe"]
+    assert (
+        manifest["counts"]["sft"]["sft_train"] + manifest["counts"]["sft"]["sft_eval"]
+        == manifest["counts"]["sft"]["after_dedupe"]
+    )
 
 
 def test_build_writes_trl_formats_without_leakage(data_dir, tiny_model, tmp_path):
-    ds = build_datasets(BuildSection(eval_fraction=0.2), _validated(data_dir, tiny_model, tmp_path / "v"),
-                        out_dir=tmp_path / "d", seed=3)
+    ds = build_datasets(
+        BuildSection(eval_fraction=0.2),
+        _validated(data_dir, tiny_model, tmp_path / "v"),
+        out_dir=tmp_path / "d",
+        seed=3,
+    )
     train = pd.read_parquet(ds.splits["sft_train"].path)
     held = pd.read_parquet(ds.splits["sft_eval"].path)
     assert list(train.columns) == ["completion", "prompt"] or set(train.columns) == {"prompt", "completion"}
@@ -50,6 +56,8 @@ def test_duplicates_are_dropped_and_counted(tmp_path, tiny_model, data_dir):
     for k in ("preferences", "prompts", "eval"):
         (dup_dir / f"{k}.jsonl").write_text((data_dir / f"{k}.jsonl").read_text())
     (dup_dir / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))
-    ds = build_datasets(BuildSection(), _validated(dup_dir, tiny_model, tmp_path / "v"), out_dir=tmp_path / "d", seed=1)
+    ds = build_datasets(
+        BuildSection(), _validated(dup_dir, tiny_model, tmp_path / "v"), out_dir=tmp_path / "d", seed=1
+    )
     assert ds.dropped["sft_duplicates"] == 3
     assert ds.splits["sft_train"].rows + ds.splits["sft_eval"].rows == len(rows)

@@ -14,8 +14,15 @@ BAD = Path(__file__).parent / "assets" / "bad"
 
 
 def run(kind: str, path, tokenizer=None, **overrides):
-    opts = {"min_rows": 1, "max_length": 512, "length_policy": "fail", "max_duplicate_fraction": 0.05,
-            "pii_policy": "block", "sample_rows": 5, "tokenizer": tokenizer}
+    opts = {
+        "min_rows": 1,
+        "max_length": 512,
+        "length_policy": "fail",
+        "max_duplicate_fraction": 0.05,
+        "pii_policy": "block",
+        "sample_rows": 5,
+        "tokenizer": tokenizer,
+    }
     opts.update(overrides)
     return check_data(kind, str(path), **opts)
 
@@ -78,10 +85,15 @@ def test_too_few_rows(data_dir):
 
 def test_duplicates_above_threshold_fail_and_below_warn(tmp_path):
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    other = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
-             for i in range(10)]
+    other = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
+        for i in range(10)
+    ]
     path = tmp_path / "dups.jsonl"
-    rows = [row, {"messages": [{"role": "user", "content": "  HI "}, {"role": "assistant", "content": "hello"}]}]
+    rows = [
+        row,
+        {"messages": [{"role": "user", "content": "  HI "}, {"role": "assistant", "content": "hello"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows + other) + "\n")
     report = run("sft", path).report
     assert failed(report)["duplicates"].samples[0].value == f"duplicate of {path}:1"
@@ -104,8 +116,10 @@ def test_length_policy_fail_and_drop(tmp_path, tiny_model):
 
 
 def test_tolerated_variants_bom_crlf_blank_lines_unicode(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Grüße {i} 🐾"}, {"role": "assistant", "content": "ok ✓"}]}
-            for i in range(3)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Grüße {i} 🐾"}, {"role": "assistant", "content": "ok ✓"}]}
+        for i in range(3)
+    ]
     body = "\r\n\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
@@ -120,8 +134,12 @@ def test_loss_mask_rejects_template_that_drops_end_of_turn(tmp_path, tiny_model)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
     path = tmp_path / "ok.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                             {"role": "assistant", "content": "Hello"}]}) + "\n")
+    path.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        )
+        + "\n"
+    )
     assert "end-of-turn token" in failed(run("sft", path, tok).report)["loss mask"].message
 
 
@@ -129,9 +147,15 @@ def test_loss_mask_rejects_template_that_drops_end_of_turn(tmp_path, tiny_model)
     ("shape", "row"),
     [
         ("alpaca", {"instruction": "Add", "input": "2+2", "output": "4"}),
-        ("sharegpt", {"conversations": [{"from": "human", "value": "Add\n\n2+2"}, {"from": "gpt", "value": "4"}]}),
+        (
+            "sharegpt",
+            {"conversations": [{"from": "human", "value": "Add\n\n2+2"}, {"from": "gpt", "value": "4"}]},
+        ),
         ("prompt_completion", {"prompt": "Add\n\n2+2", "completion": "4"}),
-        ("messages", {"messages": [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]}),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]},
+        ),
     ],
 )
 def test_sft_shapes_map_to_trl_prompt_completion(shape, row):
@@ -144,8 +168,10 @@ def test_sft_shapes_map_to_trl_prompt_completion(shape, row):
 
 def test_implicit_preference_prompt_is_split():
     user = {"role": "user", "content": "Hi"}
-    row = {"chosen": [user, {"role": "assistant", "content": "Hello!"}],
-           "rejected": [user, {"role": "assistant", "content": "Go away"}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "Hello!"}],
+        "rejected": [user, {"role": "assistant", "content": "Go away"}],
+    }
     out = normalise("preferences", "preference_implicit", row)
     assert out["prompt"] == [user]
     assert out["chosen"][0]["content"] == "Hello!" and out["rejected"][0]["content"] == "Go away"
@@ -153,4 +179,8 @@ def test_implicit_preference_prompt_is_split():
 
 def test_bad_sharegpt_role_names_the_fix():
     with pytest.raises(RowError, match=r"conversations\[1\]\.from is 'robot'"):
-        normalise("sft", "sharegpt", {"conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]})
+        normalise(
+            "sft",
+            "sharegpt",
+            {"conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]},
+        )

@@ -43,8 +43,17 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     stages = {r.data.tags["tunegate.stage"] for r in children}
-    assert stages == {"base-model", "validate", "build", "sft", "reward-model", "align", "evaluate", "gates",
-                      "register"}
+    assert stages == {
+        "base-model",
+        "validate",
+        "build",
+        "sft",
+        "reward-model",
+        "align",
+        "evaluate",
+        "gates",
+        "register",
+    }
     sft_run = next(r for r in children if r.data.tags["tunegate.stage"] == "sft")
     assert "train_loss" in sft_run.data.metrics or "loss" in sft_run.data.metrics
 
@@ -52,9 +61,15 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert {"sft_train", "sft_eval", "pref_train", "prompts", "eval"} <= set(inputs)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"gates.md", "config", "data", "validation"} <= artifacts
-    resolved = json.loads(open(mlflow.artifacts.download_artifacts(
-        run_id=parent.info.run_id, artifact_path="config/resolved.json", tracking_uri=cfg.registry.tracking_uri,
-    )).read())
+    resolved = json.loads(
+        open(
+            mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id,
+                artifact_path="config/resolved.json",
+                tracking_uri=cfg.registry.tracking_uri,
+            )
+        ).read()
+    )
     assert resolved["sft"]["max_steps"] == 2
 
     # A second run compares against the first run's champion and, passing, takes over.
@@ -65,8 +80,12 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert str(client.get_model_version_by_alias("tiny-assistant", "previous").version) == "1"
 
     # A failing gate ends the run completed-but-not-promoted, with the champion untouched.
-    strict = parse_config({**tiny_raw_config(tiny_model, data_dir, tmp_path),
-                           "gates": [{"metric": "fact_accuracy", "op": ">=", "threshold": 0.99}]})
+    strict = parse_config(
+        {
+            **tiny_raw_config(tiny_model, data_dir, tmp_path),
+            "gates": [{"metric": "fact_accuracy", "op": ">=", "threshold": 0.99}],
+        }
+    )
     rejected = pipeline(strict)
     assert not rejected["verdict"]["passed"]
     assert not rejected["registration"]["promoted"] and rejected["registration"]["version"] is None
@@ -91,5 +110,7 @@ def test_bad_data_stops_before_training_naming_the_row(prefect_api, tiny_model, 
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     stages = {r.data.tags.get("tunegate.stage") for r in runs}
     assert "sft" not in stages and "validate" in stages
-    assert all(r.info.status == "FAILED" for r in runs if r.data.tags.get("tunegate.stage") in (None, "validate"))
+    assert all(
+        r.info.status == "FAILED" for r in runs if r.data.tags.get("tunegate.stage") in (None, "validate")
+    )
     assert not client.search_registered_models()

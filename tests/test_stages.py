@@ -104,8 +104,14 @@ def test_nan_loss_stops_sft_with_a_clear_error(stage_inputs):
 
 def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model):
     cfg, base, dataset, work = stage_inputs
-    report = evaluate_models(cfg.evaluate, dataset, {"base": base.path, "candidate": sft_model.path}, None,
-                             out_dir=work / "eval", seed=1)
+    report = evaluate_models(
+        cfg.evaluate,
+        dataset,
+        {"base": base.path, "candidate": sft_model.path},
+        None,
+        out_dir=work / "eval",
+        seed=1,
+    )
     assert set(report.scores) == {"base", "candidate"}
     for scores in report.scores.values():
         assert {"eval_loss", "fact_accuracy", "brand_format", "ms_per_token"} <= set(scores)
@@ -141,16 +147,20 @@ def test_gate_arithmetic_thresholds_and_baselines():
         GateSpec(metric="eval_loss", op="<=", baseline="base", min_delta=0.5),
         GateSpec(metric="fact_accuracy", op=">=", baseline="champion", min_delta=-0.05),
     ]
-    report = _report(base={"fact_accuracy": 0.1, "eval_loss": 2.0},
-                     candidate={"fact_accuracy": 0.75, "eval_loss": 1.4},
-                     champion={"fact_accuracy": 0.79, "eval_loss": 1.3})
+    report = _report(
+        base={"fact_accuracy": 0.1, "eval_loss": 2.0},
+        candidate={"fact_accuracy": 0.75, "eval_loss": 1.4},
+        champion={"fact_accuracy": 0.79, "eval_loss": 1.3},
+    )
     verdict = apply_gates(gates, report)
     assert verdict.passed
     assert [r.required for r in verdict.results] == pytest.approx([0.7, 1.5, 0.74])
 
-    worse = _report(base={"fact_accuracy": 0.1, "eval_loss": 2.0},
-                    candidate={"fact_accuracy": 0.72, "eval_loss": 1.6},
-                    champion={"fact_accuracy": 0.8, "eval_loss": 1.3})
+    worse = _report(
+        base={"fact_accuracy": 0.1, "eval_loss": 2.0},
+        candidate={"fact_accuracy": 0.72, "eval_loss": 1.6},
+        champion={"fact_accuracy": 0.8, "eval_loss": 1.3},
+    )
     verdict = apply_gates(gates, worse)
     assert not verdict.passed
     assert [r.passed for r in verdict.results] == [True, False, False]

@@ -32,7 +32,9 @@ class ValidatedData(Artifact):
 
 class InstructionDataset(Artifact):
     root: str
-    splits: dict[str, DataFile] = Field(description="sft_train, sft_eval, pref_train, pref_eval, prompts, eval")
+    splits: dict[str, DataFile] = Field(
+        description="sft_train, sft_eval, pref_train, pref_eval, prompts, eval"
+    )
     manifest: str
     dropped: dict[str, int] = Field(default_factory=dict)
 

@@ -149,9 +149,7 @@ class AlignSection(TrainSection):
 class EvaluateSection(Section):
     max_new_tokens: int = Field(80, ge=1, le=4096, description="Greedy generation budget per eval prompt.")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
-    min_eval_rows: int = Field(
-        20, ge=1, description="Refuse to decide on fewer held-out prompts than this."
-    )
+    min_eval_rows: int = Field(20, ge=1, description="Refuse to decide on fewer held-out prompts than this.")
     brand_prefix: str | None = Field(
         None, description="Every answer must start with this text (brand rubric); unset: not checked."
     )
@@ -177,9 +175,7 @@ class GateSpec(Section):
     @model_validator(mode="after")
     def _one_reference(self) -> GateSpec:
         if (self.threshold is None) == (self.baseline is None):
-            raise ValueError(
-                f"gate on {self.metric!r} needs exactly one of `threshold` or `baseline`"
-            )
+            raise ValueError(f"gate on {self.metric!r} needs exactly one of `threshold` or `baseline`")
         return self
 
     @property
@@ -205,6 +201,13 @@ def _default_gates() -> list[GateSpec]:
 class RegistrySection(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     experiment: str = Field("tunegate", description="MLflow experiment for pipeline runs.")
+    artifact_root: str | None = Field(
+        None,
+        description=(
+            "Artifact location for the experiment when this run creates it (a path or object-store "
+            "URI); unset: MLflow's default, ./mlruns in the working directory."
+        ),
+    )
     model_name: str = Field("tunegate-assistant", description="Registered model name.")
     alias: str = Field("champion", description="Alias that marks the model in service.")
 
