@@ -90,6 +90,38 @@ def check_data(
     return CheckedData(report, rows)
 
 
+def check_leakage(
+    report: DataReport, eval_rows: list[dict], train_rows: dict[str, list[dict]], n: int = 5
+) -> None:
+    """Held-out prompts must not appear (after normalising case and whitespace) in any training data."""
+    seen: dict[str, str] = {}
+    for rows in train_rows.values():
+        for row in rows:
+            seen.setdefault(_norm_hash(_last_user(row["prompt"])), row["_where"])
+    leaks = [
+        Sample(r["_where"], f"also in training at {seen[h]}")
+        for r in eval_rows
+        if (h := _norm_hash(_last_user(r["prompt"]))) in seen
+    ]
+    report.add(
+        "no train/eval leakage",
+        Finding(
+            "no train/eval leakage",
+            "error",
+            len(leaks),
+            "held-out prompts also appear in the training data, so the scores would overstate the model",
+            "remove those prompts from the training files or from the eval set",
+            leaks[:n],
+        )
+        if leaks
+        else None,
+    )
+
+
+def _last_user(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
 def _parse_check(report: DataReport, read: ReadResult, n: int) -> None:
     if not read.problems:
         report.add("file parses")

@@ -46,7 +46,7 @@ def resolve_paths(spec: str | Path) -> list[Path]:
     """Expand a file, a directory of data files, or a glob into a sorted list of files."""
     spec = str(spec)
     p = Path(spec)
-    if p.is_file():
+    if p.is_file() or is_hf_dataset_dir(p):
         return [p]
     if p.is_dir():
         return sorted(f for f in p.iterdir() if f.suffix in SUPPORTED)
@@ -64,7 +64,7 @@ def read_rows(spec: str | Path) -> ReadResult:
         return result
     for path in paths:
         result.files.append(str(path))
-        reader = _READERS.get(path.suffix)
+        reader = _read_hf_dataset if path.is_dir() else _READERS.get(path.suffix)
         if reader is None:
             result.problems.append(ParseProblem(str(path), None, f"unsupported file type {path.suffix!r}"))
             continue
@@ -143,6 +143,34 @@ def _read_table(path: Path, out: ReadResult) -> None:
         out.problems.append(ParseProblem(str(path), None, f"cannot read: {type(exc).__name__}: {exc}"))
         return
     for i, rec in enumerate(df.to_dict(orient="records"), start=1):
+        out.rows.append(Row(str(path), i, {k: _from_cell(v) for k, v in rec.items()}))
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict's)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _read_hf_dataset(path: Path, out: ReadResult) -> None:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a problem of this directory
+        out.problems.append(
+            ParseProblem(str(path), None, f"cannot load dataset: {type(exc).__name__}: {exc}")
+        )
+        return
+    if isinstance(ds, DatasetDict):
+        out.problems.append(
+            ParseProblem(
+                str(path),
+                None,
+                f"a DatasetDict with splits {sorted(ds)}; name one split directory, e.g. {path}/{next(iter(ds))}",
+            )
+        )
+        return
+    for i, rec in enumerate(ds, start=1):
         out.rows.append(Row(str(path), i, {k: _from_cell(v) for k, v in rec.items()}))
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from data_checks.checks import check_data
+from data_checks.checks import check_data, check_leakage
 from data_checks.readers import resolve_paths
 from data_checks.report import DataReport, reports_json, reports_markdown
 from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_file
@@ -35,6 +35,7 @@ def validate_data(
     tokenizer = _tokenizer(base.path) if base is not None else None
     reports: list[DataReport] = []
     files: dict[str, DataFile] = {}
+    checked_by_kind = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
         spec = getattr(data, kind)
         checked = check_data(
@@ -49,7 +50,15 @@ def validate_data(
             tokenizer=tokenizer,
             system_prompt=system_prompt,
         )
+        checked_by_kind[kind] = checked
         reports.append(checked.report)
+    check_leakage(
+        checked_by_kind["eval"].report,
+        checked_by_kind["eval"].rows,
+        {k: c.rows for k, c in checked_by_kind.items() if k != "eval"},
+        cfg.sample_rows,
+    )
+    for kind, checked in checked_by_kind.items():
         log.info("%s", checked.report.to_text())
         if checked.report.passed:
             path = out_dir / f"{kind}.jsonl"

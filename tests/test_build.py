@@ -61,3 +61,28 @@ def test_duplicates_are_dropped_and_counted(tmp_path, tiny_model, data_dir):
     )
     assert ds.dropped["sft_duplicates"] == 3
     assert ds.splits["sft_train"].rows + ds.splits["sft_eval"].rows == len(rows)
+
+
+def test_eval_prompt_seen_in_training_is_leakage(data_dir, tiny_model, tmp_path):
+    import pytest
+
+    from tunegate.errors import DataValidationError
+
+    leaky = tmp_path / "in"
+    leaky.mkdir()
+    for k in ("sft", "preferences", "prompts"):
+        (leaky / f"{k}.jsonl").write_text((data_dir / f"{k}.jsonl").read_text())
+    train_q = json.loads((data_dir / "sft.jsonl").read_text().splitlines()[3])["messages"][1]["content"]
+    evals = (data_dir / "eval.jsonl").read_text().splitlines()
+    row = json.loads(evals[0])
+    row["prompt"][-1]["content"] = "  " + train_q.upper()
+    evals[0] = json.dumps(row)
+    (leaky / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    with pytest.raises(DataValidationError, match=r"no train/eval leakage at .*eval\.jsonl:1"):
+        _validated(leaky, tiny_model, tmp_path / "v")
+    report = json.loads((tmp_path / "v" / "validation.json").read_text())
+    finding = next(c["finding"] for r in report for c in r["checks"] if c["check"] == "no train/eval leakage")
+    assert (
+        "also in training at" in finding["samples"][0]["value"]
+        and "sft.jsonl:4" in finding["samples"][0]["value"]
+    )

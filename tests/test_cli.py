@@ -39,11 +39,16 @@ def test_summary_names_version_alias_and_uis():
     result = {
         "verdict": {"markdown": "## Gate verdict: PASS"},
         "registration": {"promoted": True, "model_name": "m", "version": "3", "aliases": ["champion"]},
-        "tracking_uri": "sqlite:///mlflow.db", "mlflow_run_id": "abc", "experiment": "e",
-        "run_dir": "runs/x", "flow_run_id": "f-1",
+        "tracking_uri": "sqlite:///mlflow.db",
+        "mlflow_run_id": "abc",
+        "experiment": "e",
+        "run_dir": "runs/x",
+        "flow_run_id": "f-1",
     }
     text = summary(result)
     assert "m version 3, alias champion (models:/m@champion)" in text
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text and "flow run f-1" in text
-    rejected = summary({**result, "registration": {"promoted": False, "reason": "gates failed: x", "version": None}})
+    rejected = summary(
+        {**result, "registration": {"promoted": False, "reason": "gates failed: x", "version": None}}
+    )
     assert "NOT PROMOTED: gates failed: x" in rejected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from data_checks.checks import check_data
@@ -184,3 +185,36 @@ def test_bad_sharegpt_role_names_the_fix():
             "sharegpt",
             {"conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]},
         )
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "csv", "hf"])
+def test_other_file_formats_read_the_same_rows(fmt, data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(data_dir / "sft.jsonl")][:30]
+    if fmt == "json":
+        path = tmp_path / "sft.json"
+        path.write_text(json.dumps(rows))
+    elif fmt == "parquet":
+        path = tmp_path / "sft.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    elif fmt == "csv":
+        path = tmp_path / "sft.csv"
+        pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in rows]}).to_csv(path, index=False)
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / "sft_hf"
+        Dataset.from_list(rows).save_to_disk(str(path))
+    checked = run("sft", path)
+    assert checked.report.passed, checked.report.to_text()
+    assert [r["completion"][0]["content"] for r in checked.rows] == [
+        r["messages"][-1]["content"] for r in rows
+    ]
+    assert checked.rows[4]["_where"].endswith(":5")
+
+
+def test_glob_reads_several_files(data_dir, tmp_path):
+    lines = (data_dir / "sft.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[10:25]) + "\n")
+    checked = run("sft", str(tmp_path / "*.jsonl"))
+    assert len(checked.report.files) == 2 and len(checked.rows) == 25
