@@ -49,12 +49,13 @@ def check_data(
     sample_rows: int = 5,
     tokenizer: Any = None,
     system_prompt: str | None = None,
+    shape: str | None = None,
 ) -> CheckedData:
     """Run every check for one data kind. Never raises for bad data: the report says what failed."""
     read = read_rows(spec)
     report = DataReport(kind=kind, source=str(spec), files=read.files, rows_read=len(read.rows), rows_valid=0)
     _parse_check(report, read, sample_rows)
-    valid = _schema_check(report, kind, read.rows, system_prompt, sample_rows)
+    valid = _schema_check(report, kind, read.rows, system_prompt, sample_rows, shape)
     _content_checks(report, valid, pii_policy, sample_rows)
     token_counts = _token_counts(kind, valid, tokenizer)
     frame = pd.DataFrame(
@@ -144,12 +145,19 @@ def _parse_check(report: DataReport, read: ReadResult, n: int) -> None:
     )
 
 
-def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt: str | None, n: int):
+def _schema_check(
+    report: DataReport,
+    kind: str,
+    rows: list[Row],
+    system_prompt: str | None,
+    n: int,
+    forced: str | None = None,
+):
     valid: list[tuple[Row, tuple[str, dict]]] = []
     unknown: list[Row] = []
     broken: list[tuple[Row, str]] = []
     for row in rows:
-        shape = detect_shape(kind, row.data)
+        shape = forced or detect_shape(kind, row.data)
         if shape is None:
             unknown.append(row)
             continue
@@ -157,6 +165,8 @@ def _schema_check(report: DataReport, kind: str, rows: list[Row], system_prompt:
             valid.append((row, (shape, normalise(kind, shape, row.data, system_prompt))))
         except RowError as exc:
             broken.append((row, str(exc)))
+        except KeyError as exc:
+            broken.append((row, f"missing key {exc} for the configured shape {shape!r}"))
     if unknown:
         keys = Counter(", ".join(sorted(r.data)) or "(no keys)" for r in unknown)
         report.add(

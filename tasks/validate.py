@@ -49,6 +49,7 @@ def validate_data(
             sample_rows=cfg.sample_rows,
             tokenizer=tokenizer,
             system_prompt=system_prompt,
+            shape=data.shapes.get(kind),
         )
         checked_by_kind[kind] = checked
         reports.append(checked.report)

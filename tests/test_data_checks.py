@@ -263,3 +263,26 @@ def test_glob_reads_several_files(data_dir, tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(lines[10:25]) + "\n")
     checked = run("sft", str(tmp_path / "*.jsonl"))
     assert len(checked.report.files) == 2 and len(checked.rows) == 25
+
+
+def test_configured_shape_overrides_detection(tmp_path):
+    path = tmp_path / "a.jsonl"
+    # Both `messages` and Alpaca keys: detection picks `messages`; the config can insist on Alpaca.
+    row = {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        "instruction": "Add 2+2",
+        "output": "4",
+    }
+    path.write_text(json.dumps(row) + "\n")
+    assert run("sft", path).rows[0]["completion"][0]["content"] == "y"
+    assert run("sft", path, shape="alpaca").rows[0]["completion"][0]["content"] == "4"
+    broken = run("sft", path, shape="sharegpt").report
+    assert "missing key 'conversations'" in failed(broken)["schema and roles"].message
+
+
+def test_unknown_configured_shape_is_a_config_error():
+    from tunegate.config import load_config
+    from tunegate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown shape for sft: 'alpacca'"):
+        load_config(None, ["data.shapes.sft=alpacca"])

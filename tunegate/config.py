@@ -61,6 +61,27 @@ class DataSection(Section):
     eval: str = Field(
         "data/generated/eval.jsonl", description="Held-out eval prompts with checkable answers."
     )
+    shapes: dict[Literal["sft", "preferences", "prompts", "eval"], str] = Field(
+        default_factory=dict,
+        description=(
+            "Force a row shape per kind instead of detecting it, e.g. {sft: alpaca}. Shapes: sft: "
+            "messages, sharegpt, alpaca, prompt_completion; preferences: preference_explicit, "
+            "preference_implicit; prompts: prompt_only, messages; eval: eval_prompt."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _known_shapes(self) -> DataSection:
+        from data_checks.formats import SHAPES
+
+        bad = [
+            f"{k}: {v!r} (use one of {', '.join(SHAPES[k])})"
+            for k, v in self.shapes.items()
+            if v not in SHAPES[k]
+        ]
+        if bad:
+            raise ValueError("unknown shape for " + "; ".join(bad))
+        return self
 
 
 class ValidateSection(Section):
