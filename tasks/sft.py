@@ -22,6 +22,7 @@ from tasks.training import (
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
 from tunegate.config import SftSection
+from tunegate.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def train_sft(
     if evalset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     if not all(math.isfinite(v) for v in metrics.values()):
-        from tunegate.errors import TrainingError
-
         raise TrainingError(f"sft: non-finite metrics after training: {metrics}")
 
     path = out_dir / "model"
