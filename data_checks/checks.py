@@ -79,14 +79,15 @@ def check_data(
     if kind == "sft" and tokenizer is not None and valid:
         _loss_mask_check(report, valid, tokenizer, sample_rows)
 
-    too_long = set(outcomes["length"].unexpected_where) if "length" in outcomes else set()
-    rows = []
-    for (row, (_, norm)), n_tokens in zip(valid, frame["n_tokens"], strict=True):
-        if row.where in too_long and length_policy == "drop":
-            continue
-        rows.append({**norm, "_where": row.where, "_n_tokens": int(n_tokens)})
-    if too_long and length_policy == "drop":
-        report.dropped["too_long"] = len(too_long)
+    # Without a tokenizer every count is 0, so nothing is dropped.
+    drop = (frame["n_tokens"] > max_length) & (length_policy == "drop")
+    rows = [
+        {**norm, "_where": row.where, "_n_tokens": int(n_tokens)}
+        for (row, (_, norm)), n_tokens, dropped in zip(valid, frame["n_tokens"], drop, strict=True)
+        if not dropped
+    ]
+    if drop.any():
+        report.dropped["too_long"] = int(drop.sum())
     report.rows_valid = len(rows)
     return CheckedData(report, rows)
 
