@@ -58,26 +58,19 @@ def _show(args) -> int:
 
 
 def _validate(args) -> int:
-    from data_checks.checks import check_data
     from tasks.base_model import prepare_base_model
+    from tasks.validate import check_kind, load_tokenizer
     from tunegate.config import load_config
 
     cfg = load_config(args.config)
-    v = cfg.validate_
-    base = prepare_base_model(cfg.model)
-    from transformers import AutoTokenizer
-
-    checked = check_data(
+    tokenizer = load_tokenizer(prepare_base_model(cfg.model).path)
+    checked = check_kind(
+        cfg.validate_,
         args.kind,
         args.path,
-        min_rows=v.min_rows.get(args.kind, 1),
-        max_length=v.max_length,
-        length_policy=v.length_policy,
-        max_duplicate_fraction=v.max_duplicate_fraction,
-        pii_policy=v.pii_policy,
-        sample_rows=v.sample_rows,
-        tokenizer=AutoTokenizer.from_pretrained(base.path),
-        system_prompt=cfg.model.system_prompt,
+        tokenizer,
+        cfg.model.system_prompt,
+        cfg.data.shapes.get(args.kind),
     )
     r = checked.report
     if args.format == "json":

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from data_checks.checks import check_data, check_leakage
+from data_checks.checks import CheckedData, check_data, check_leakage
 from data_checks.readers import resolve_paths
 from data_checks.report import DataReport, reports_json, reports_markdown
 from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_file
@@ -32,25 +32,13 @@ def validate_data(
             is written to `out_dir/validation.md` first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(base.path) if base is not None else None
+    tokenizer = load_tokenizer(base.path) if base is not None else None
     reports: list[DataReport] = []
     files: dict[str, DataFile] = {}
     checked_by_kind = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
         spec = getattr(data, kind)
-        checked = check_data(
-            kind,
-            spec,
-            min_rows=cfg.min_rows.get(kind, 1),
-            max_length=cfg.max_length,
-            length_policy=cfg.length_policy,
-            max_duplicate_fraction=cfg.max_duplicate_fraction,
-            pii_policy=cfg.pii_policy,
-            sample_rows=cfg.sample_rows,
-            tokenizer=tokenizer,
-            system_prompt=system_prompt,
-            shape=data.shapes.get(kind),
-        )
+        checked = check_kind(cfg, kind, spec, tokenizer, system_prompt, data.shapes.get(kind))
         checked_by_kind[kind] = checked
         reports.append(checked.report)
     check_leakage(
@@ -89,6 +77,30 @@ def validate_data(
     )
 
 
+def check_kind(
+    cfg: ValidateSection,
+    kind: str,
+    spec: str,
+    tokenizer,
+    system_prompt: str | None = None,
+    shape: str | None = None,
+) -> CheckedData:
+    """Run every single-file check for one data kind with the settings of `cfg` (also `tunegate validate`)."""
+    return check_data(
+        kind,
+        spec,
+        min_rows=cfg.min_rows.get(kind, 1),
+        max_length=cfg.max_length,
+        length_policy=cfg.length_policy,
+        max_duplicate_fraction=cfg.max_duplicate_fraction,
+        pii_policy=cfg.pii_policy,
+        sample_rows=cfg.sample_rows,
+        tokenizer=tokenizer,
+        system_prompt=system_prompt,
+        shape=shape,
+    )
+
+
 def source_digests(data: DataSection) -> dict[str, str]:
     """sha256 of every raw input file, for lineage and caching."""
     return {
@@ -98,7 +110,7 @@ def source_digests(data: DataSection) -> dict[str, str]:
     }
 
 
-def _tokenizer(path: str):
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
