@@ -1,40 +1,114 @@
-"""Validate one data kind: parse, shape, schema, content (secrets, personal data), then the GX suite
-(row count, duplicates, single shape, length) and the loss mask. Every problem is collected, counted
-by kind with sample locations, and reported once."""
+"""Validate one data kind: parse, shape, schema, content (secrets, personal data), length with the real
+chat template, then the GX suite (row count, duplicates, single shape, length) and the loss mask.
+
+Files are streamed in chunks. Each chunk is checked on its own (in worker processes for large inputs):
+it comes back as a few numeric columns per row, bounded samples of every problem, and the valid rows
+already normalised to TRL's format as JSON Lines. Only those columns are kept for the whole file, so a
+million-row file validates in a few hundred MiB.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import multiprocessing
+import os
 import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from data_checks.formats import RowError, conversation_text, detect_shape, expected_keys, normalise
-from data_checks.readers import ReadResult, Row, read_rows
+from data_checks.readers import Chunk, input_bytes, iter_chunks, no_files_problem, parse_chunk, resolve_paths
 from data_checks.report import DataReport, Finding, Sample
 from data_checks.suites import run_suite
 
+# name -> (literal hints, pattern): the pattern only runs on text containing a hint.
 SECRETS = {
-    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    "AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-    "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),
-    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
-    "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}\b"),
-    "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
+    "private key": (("PRIVATE KEY-----",), re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
+    "AWS access key": (("AKIA",), re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
+    "GitHub token": (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b")),
+    "Hugging Face token": (("hf_",), re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
+    "OpenAI-style key": (("sk-",), re.compile(r"\bsk-[A-Za-z0-9_-]{20,}\b")),
+    "Slack token": (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b")),
 }
 PII = {
     "email address": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
     "phone number": re.compile(r"(?<![\w$])\+?\d{1,3}[ .-]?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}\b"),
 }
+_FOUR_DIGITS = re.compile(r"\d{4}")
+PARALLEL_ABOVE_BYTES = 16 * 2**20  # smaller inputs are checked in-process: workers cost seconds to start
+MASK_SAMPLES = 256
+
+
+@dataclass
+class CheckSettings:
+    """What checking a chunk needs; picklable, so each worker process receives it once."""
+
+    kind: str
+    shape: str | None
+    system_prompt: str | None
+    tokenizer: Any
+    max_length: int
+    drop_long: bool
+    sample_rows: int
+
+
+@dataclass
+class Tally:
+    """Offending rows of one check: the count, the first few locations, and counts by cause."""
+
+    count: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    causes: Counter = field(default_factory=Counter)
+
+    def add(self, sample: Sample, limit: int, cause: str | None = None) -> None:
+        self.count += 1
+        if len(self.samples) < limit:
+            self.samples.append(sample)
+        if cause is not None:
+            self.causes[cause] += 1
+
+    def merge(self, other: Tally, limit: int) -> None:
+        self.count += other.count
+        self.samples.extend(other.samples[: max(0, limit - len(self.samples))])
+        self.causes.update(other.causes)
+
+
+TALLIES = ("parse", "shape", "schema", "secrets", "pii")
+
+
+@dataclass
+class ChunkResult:
+    file: str
+    rows_read: int
+    tallies: dict[str, Tally]
+    columns: dict[str, np.ndarray]  # per valid row: line, norm_hash, prompt_hash, n_tokens, kept
+    shapes: list[str]
+    kept_jsonl: bytes  # valid rows kept, normalised, one JSON object per line
+    dropped_jsonl: bytes  # rows dropped by policy: {"where", "reason"}
+    mask_sample: list[tuple[str, dict]]
 
 
 @dataclass
 class CheckedData:
     report: DataReport
-    rows: list[dict[str, Any]]  # normalised, in TRL format, with `_where` and `_n_tokens`
+    frame: pd.DataFrame  # one row per valid row: file, line, shape, norm_hash, prompt_hash, n_tokens, kept
+    path: Path | None = None  # the kept rows in TRL format (with `_where`, `_n_tokens`, `_hash`)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The kept rows, read back (for small data: tests and previews)."""
+        if self.path is None:
+            raise ValueError("the rows were not kept: pass out_path to check_data")
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
 
 
 def check_data(
@@ -50,211 +124,408 @@ def check_data(
     tokenizer: Any = None,
     system_prompt: str | None = None,
     shape: str | None = None,
+    out_path: str | Path | None = None,
+    workers: int = 0,
 ) -> CheckedData:
-    """Run every check for one data kind. Never raises for bad data: the report says what failed."""
-    read = read_rows(spec)
-    report = DataReport(kind=kind, source=str(spec), files=read.files, rows_read=len(read.rows), rows_valid=0)
-    _parse_check(report, read, sample_rows)
-    valid = _schema_check(report, kind, read.rows, system_prompt, sample_rows, shape)
-    _content_checks(report, valid, pii_policy, sample_rows)
-    token_counts = _token_counts(kind, valid, tokenizer)
-    frame = pd.DataFrame(
-        {
-            "where": [r.where for r, _ in valid],
-            "shape": [shape for _, (shape, _) in valid],
-            "norm_hash": [_norm_hash(conversation_text(n)) for _, (_, n) in valid],
-            "n_tokens": token_counts if token_counts is not None else [0] * len(valid),
-        }
+    """Run every check for one data kind. Never raises for bad data: the report says what failed.
+
+    With `out_path`, the kept rows are written there in TRL format and the rows dropped by policy, with
+    their reasons, beside it (`<name>.dropped.jsonl`). `workers=0` picks one process per core for
+    inputs over 16 MiB.
+    """
+    paths = resolve_paths(spec)
+    report = DataReport(kind=kind, source=str(spec), files=[str(p) for p in paths], rows_read=0, rows_valid=0)
+    settings = CheckSettings(
+        kind, shape, system_prompt, tokenizer, max_length, length_policy == "drop", sample_rows
     )
+    if workers <= 0:
+        workers = min(os.cpu_count() or 1, 8) if paths and input_bytes(paths) > PARALLEL_ABOVE_BYTES else 1
+    acc = _Accumulator(sample_rows)
+    if not paths:
+        p = no_files_problem(spec)
+        acc.tallies["parse"].add(Sample(p.where, p.what), sample_rows, p.what)
+    out = Path(out_path) if out_path is not None else None
+    with _Outputs(out) as sink:
+        for result in _check_chunks(iter_chunks(paths), settings, workers):
+            acc.add(result)
+            sink.write(result)
+    frame = acc.frame()
+    report.rows_read = acc.rows_read
+
+    _parse_finding(report, acc.tallies["parse"])
+    _schema_findings(report, kind, acc.tallies["shape"], acc.tallies["schema"])
+    _content_findings(report, acc.tallies["secrets"], acc.tallies["pii"], pii_policy)
+    counted = tokenizer is not None
     outcomes = run_suite(
         kind,
         frame,
         min_rows=min_rows,
-        max_tokens=max_length if token_counts is not None else None,
+        max_tokens=max_length if counted else None,
         max_duplicate_fraction=max_duplicate_fraction,
     )
     _suite_findings(
         report, outcomes, frame, min_rows, max_length, length_policy, max_duplicate_fraction, sample_rows
     )
-    if kind == "sft" and tokenizer is not None and valid:
-        _loss_mask_check(report, valid, tokenizer, sample_rows)
-
-    # Without a tokenizer every count is 0, so nothing is dropped.
-    drop = (frame["n_tokens"] > max_length) & (length_policy == "drop")
-    rows = [
-        {**norm, "_where": row.where, "_n_tokens": int(n_tokens)}
-        for (row, (_, norm)), n_tokens, dropped in zip(valid, frame["n_tokens"], drop, strict=True)
-        if not dropped
-    ]
-    if drop.any():
-        report.dropped["too_long"] = int(drop.sum())
-    report.rows_valid = len(rows)
-    return CheckedData(report, rows)
+    if kind == "sft" and counted and acc.mask_sample:
+        _loss_mask_check(report, acc.mask_sample, len(frame), tokenizer, sample_rows)
+    dropped = int((~frame["kept"]).sum())
+    if dropped:
+        report.dropped["too_long"] = dropped
+    report.rows_valid = len(frame) - dropped
+    return CheckedData(report, frame, out)
 
 
 def check_leakage(
-    report: DataReport, eval_rows: list[dict], train_rows: dict[str, list[dict]], n: int = 5
+    report: DataReport, eval_data: CheckedData, train: dict[str, CheckedData], n: int = 5
 ) -> None:
     """Held-out prompts must not appear (after normalising case and whitespace) in any training data."""
-    seen: dict[str, str] = {}
-    for rows in train_rows.values():
-        for row in rows:
-            seen.setdefault(_norm_hash(_last_user(row["prompt"])), row["_where"])
-    leaks = [
-        Sample(r["_where"], f"also in training at {seen[h]}")
-        for r in eval_rows
-        if (h := _norm_hash(_last_user(r["prompt"]))) in seen
-    ]
+    frames = [c.frame for c in train.values() if len(c.frame)]
+    leaks: list[Sample] = []
+    count = 0
+    if frames and len(eval_data.frame):
+        seen = pd.concat([f[["file", "line", "prompt_hash"]].astype({"file": str}) for f in frames])
+        seen = seen.drop_duplicates("prompt_hash").set_index("prompt_hash")
+        hits = eval_data.frame[eval_data.frame["prompt_hash"].isin(seen.index)]
+        count = len(hits)
+        for row in hits.head(n).itertuples():
+            first = seen.loc[row.prompt_hash]
+            leaks.append(Sample(f"{row.file}:{row.line}", f"also in training at {first.file}:{first.line}"))
     report.add(
         "no train/eval leakage",
         Finding(
             "no train/eval leakage",
             "error",
-            len(leaks),
+            count,
             "held-out prompts also appear in the training data, so the scores would overstate the model",
             "remove those prompts from the training files or from the eval set",
-            leaks[:n],
+            leaks,
         )
-        if leaks
+        if count
         else None,
     )
 
 
-def _last_user(messages: list[dict]) -> str:
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+# ---------------------------------------------------------------------------------------------------
+# One chunk
 
 
-def _parse_check(report: DataReport, read: ReadResult, n: int) -> None:
-    if not read.problems:
-        report.add("file parses")
+def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
+    n = s.sample_rows
+    tallies = {name: Tally() for name in TALLIES}
+    rows, problems = parse_chunk(chunk)
+    for p in problems:
+        tallies["parse"].add(Sample(p.where, f"{p.what}: {p.value}".rstrip(": ")), n, p.what.split(" (")[0])
+
+    valid: list[tuple[Any, str, dict]] = []  # (row, shape, normalised)
+    for row in rows:
+        shape = s.shape or detect_shape(s.kind, row.data)
+        if shape is None:
+            keys = ", ".join(sorted(row.data)) or "(no keys)"
+            tallies["shape"].add(Sample(row.where, keys[:80]), n, keys)
+            continue
+        try:
+            valid.append((row, shape, normalise(s.kind, shape, row.data, s.system_prompt)))
+        except RowError as exc:
+            tallies["schema"].add(Sample(row.where, str(exc)), n, str(exc))
+        except KeyError as exc:
+            msg = f"missing key {exc} for the configured shape {shape!r}"
+            tallies["schema"].add(Sample(row.where, msg), n, msg)
+
+    n_tokens = [0] * len(valid)
+    if s.tokenizer is not None and valid:
+        counts = _token_counts(s.kind, [norm for _, _, norm in valid], s.tokenizer)
+        for (row, _, _), c in zip(valid, counts, strict=True):
+            if isinstance(c, str):
+                msg = f"the chat template rejects this conversation ({c})"
+                tallies["schema"].add(
+                    Sample(row.where, msg), n, "the chat template rejects some conversations"
+                )
+        keep = [not isinstance(c, str) for c in counts]
+        valid = [v for v, k in zip(valid, keep, strict=True) if k]
+        n_tokens = [c for c, k in zip(counts, keep, strict=True) if k]
+
+    lines, norm_hashes, prompt_hashes, kept = [], [], [], []
+    out, dropped = [], []
+    for (row, _, norm), tokens in zip(valid, n_tokens, strict=True):
+        text = conversation_text(norm)
+        _scan(text, row.where, tallies, n)
+        h = _norm_hash(text)
+        lines.append(row.line)
+        norm_hashes.append(h)
+        prompt_hashes.append(_norm_hash(_last_user(norm["prompt"])))
+        keep = not (s.drop_long and tokens > s.max_length)
+        kept.append(keep)
+        if keep:
+            record = {**norm, "_where": row.where, "_n_tokens": tokens, "_hash": h}
+            out.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
+        else:
+            reason = f"too long: {tokens} tokens > validate.max_length={s.max_length}"
+            dropped.append(json.dumps({"where": row.where, "reason": reason}, ensure_ascii=False))
+    return ChunkResult(
+        file=chunk.file,
+        rows_read=len(rows),
+        tallies=tallies,
+        columns={
+            "line": np.asarray(lines, dtype=np.int64),
+            "norm_hash": np.asarray(norm_hashes, dtype=np.int64),
+            "prompt_hash": np.asarray(prompt_hashes, dtype=np.int64),
+            "n_tokens": np.asarray(n_tokens, dtype=np.int32),
+            "kept": np.asarray(kept, dtype=bool),
+        },
+        shapes=[shape for _, shape, _ in valid],
+        kept_jsonl="".join(line + "\n" for line in out).encode("utf-8"),
+        dropped_jsonl="".join(line + "\n" for line in dropped).encode("utf-8"),
+        mask_sample=[(valid[0][0].where, valid[0][2])] if valid else [],
+    )
+
+
+def _scan(text: str, where: str, tallies: dict[str, Tally], n: int) -> None:
+    for name, (hints, pattern) in SECRETS.items():
+        if any(h in text for h in hints) and (m := pattern.search(text)):
+            tallies["secrets"].add(Sample(where, f"{name}: {_mask(m.group())}"), n, name)
+    if "@" in text and (m := PII["email address"].search(text)):
+        tallies["pii"].add(Sample(where, f"email address: {_mask(m.group())}"), n, "email address")
+    if _FOUR_DIGITS.search(text) and (m := PII["phone number"].search(text)):
+        tallies["pii"].add(Sample(where, f"phone number: {_mask(m.group())}"), n, "phone number")
+
+
+def _token_counts(kind: str, norms: list[dict], tokenizer) -> list[int | str]:
+    """Tokens of each row as the trainer renders it (the real chat template); for a preference pair the
+    longer side. A row the template refuses gets the template's message instead of a count."""
+    if kind in ("prompts", "eval"):
+        return _render_count(tokenizer, [norm["prompt"] for norm in norms], generation_prompt=True)
+    answers = [norm["prompt"] + norm.get("completion", norm.get("chosen", [])) for norm in norms]
+    counts = _render_count(tokenizer, answers)
+    if kind == "preferences":
+        other = _render_count(tokenizer, [norm["prompt"] + norm["rejected"] for norm in norms])
+        counts = [
+            a if isinstance(a, str) else b if isinstance(b, str) else max(a, b)
+            for a, b in zip(counts, other, strict=True)
+        ]
+    return counts
+
+
+def _render_count(
+    tokenizer, conversations: list[list[dict]], generation_prompt: bool = False
+) -> list[int | str]:
+    try:
+        texts: list[str | None] = tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        errors: dict[int, str] = {}
+    except Exception:  # noqa: BLE001 - one bad conversation fails the batch: find it row by row
+        texts, errors = [], {}
+        for i, conv in enumerate(conversations):
+            try:
+                texts.append(
+                    tokenizer.apply_chat_template(
+                        conv, tokenize=False, add_generation_prompt=generation_prompt
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001 - the template's own message is the finding
+                texts.append(None)
+                errors[i] = f"{type(exc).__name__}: {exc}"[:120]
+    ok = [t for t in texts if t is not None]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        lengths = iter(len(e) for e in backend.encode_batch(ok, add_special_tokens=False))
+    else:
+        lengths = iter(len(ids) for ids in tokenizer(ok, add_special_tokens=False)["input_ids"])
+    return [errors[i] if t is None else next(lengths) for i, t in enumerate(texts)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Many chunks
+
+_WORKER: CheckSettings | None = None
+
+
+def _init_worker(settings: CheckSettings) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER = settings
+
+
+def _check_in_worker(chunk: Chunk) -> ChunkResult:
+    assert _WORKER is not None
+    return _check_chunk(_WORKER, chunk)
+
+
+def _check_chunks(chunks: Iterable[Chunk], settings: CheckSettings, workers: int) -> Iterator[ChunkResult]:
+    """Results in input order; at most two chunks per worker in flight, so memory stays flat."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield _check_chunk(settings, chunk)
         return
-    kinds = Counter(p.what.split(" (")[0] for p in read.problems)
-    samples = [
-        Sample(f"{p.file}:{p.line}" if p.line else p.file, f"{p.what}: {p.value}".rstrip(": "))
-        for p in read.problems[:n]
-    ]
+    # spawn, not fork: the caller may be a multi-threaded Prefect worker.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_check_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _Accumulator:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.rows_read = 0
+        self.tallies = {name: Tally() for name in TALLIES}
+        self.files: list[str] = []
+        self.columns: dict[str, list[np.ndarray]] = {}
+        self.shapes: list[np.ndarray] = []
+        self.file_codes: list[np.ndarray] = []
+        self.mask_sample: list[tuple[str, dict]] = []
+
+    def add(self, r: ChunkResult) -> None:
+        self.rows_read += r.rows_read
+        for name, tally in r.tallies.items():
+            self.tallies[name].merge(tally, self.n)
+        if r.file not in self.files:
+            self.files.append(r.file)
+        for key, values in r.columns.items():
+            self.columns.setdefault(key, []).append(values)
+        self.shapes.append(np.asarray(r.shapes, dtype=object))
+        self.file_codes.append(np.full(len(r.shapes), self.files.index(r.file), dtype=np.int32))
+        if len(self.mask_sample) < MASK_SAMPLES:
+            self.mask_sample.extend(r.mask_sample)
+
+    def frame(self) -> pd.DataFrame:
+        def cat(parts, dtype):
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        codes = cat(self.file_codes, np.int32)
+        frame = pd.DataFrame(
+            {
+                "file": pd.Categorical.from_codes(codes, categories=self.files or ["-"]),
+                "line": cat(self.columns.get("line", []), np.int64),
+                "shape": pd.Categorical(cat(self.shapes, object)),
+                "norm_hash": cat(self.columns.get("norm_hash", []), np.int64),
+                "prompt_hash": cat(self.columns.get("prompt_hash", []), np.int64),
+                "n_tokens": cat(self.columns.get("n_tokens", []), np.int32),
+                "kept": cat(self.columns.get("kept", []), bool),
+            }
+        )
+        return frame
+
+
+class _Outputs:
+    """Kept rows to `path`, dropped rows to `<stem>.dropped.jsonl`; both appear whole or not at all."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.files: list = []
+
+    def __enter__(self) -> _Outputs:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.targets = [self.path, dropped_path(self.path)]
+            self.files = [open(t.with_name(t.name + ".tmp"), "wb") for t in self.targets]
+        return self
+
+    def write(self, r: ChunkResult) -> None:
+        if self.files:
+            self.files[0].write(r.kept_jsonl)
+            self.files[1].write(r.dropped_jsonl)
+
+    def __exit__(self, exc_type, *_) -> None:
+        for f in self.files:
+            f.close()
+        for f, target in zip(self.files, getattr(self, "targets", []), strict=False):
+            tmp = Path(f.name)
+            if exc_type is None:
+                tmp.replace(target)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def dropped_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl") + ".dropped.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Findings
+
+
+def _parse_finding(report: DataReport, tally: Tally) -> None:
     report.add(
         "file parses",
         Finding(
             "file parses",
             "error",
-            len(read.problems),
-            "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in kinds.items()),
+            tally.count,
+            "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in tally.causes.items()),
             "re-export the file as UTF-8 JSON Lines, one complete object per line",
-            samples,
-        ),
+            tally.samples,
+        )
+        if tally.count
+        else None,
     )
 
 
-def _schema_check(
-    report: DataReport,
-    kind: str,
-    rows: list[Row],
-    system_prompt: str | None,
-    n: int,
-    forced: str | None = None,
-):
-    valid: list[tuple[Row, tuple[str, dict]]] = []
-    unknown: list[Row] = []
-    broken: list[tuple[Row, str]] = []
-    for row in rows:
-        shape = forced or detect_shape(kind, row.data)
-        if shape is None:
-            unknown.append(row)
-            continue
-        try:
-            valid.append((row, (shape, normalise(kind, shape, row.data, system_prompt))))
-        except RowError as exc:
-            broken.append((row, str(exc)))
-        except KeyError as exc:
-            broken.append((row, f"missing key {exc} for the configured shape {shape!r}"))
-    if unknown:
-        keys = Counter(", ".join(sorted(r.data)) or "(no keys)" for r in unknown)
-        report.add(
+def _schema_findings(report: DataReport, kind: str, unknown: Tally, broken: Tally) -> None:
+    report.add(
+        "recognised shape",
+        Finding(
             "recognised shape",
-            Finding(
-                "recognised shape",
-                "error",
-                len(unknown),
-                f"rows match no {kind} format (keys seen: {'; '.join(k for k, _ in keys.most_common(3))})",
-                f"give each row {expected_keys(kind)}",
-                [Sample(r.where, ", ".join(sorted(r.data))[:80]) for r in unknown[:n]],
-            ),
+            "error",
+            unknown.count,
+            f"rows match no {kind} format (keys seen: {'; '.join(k for k, _ in unknown.causes.most_common(3))})",
+            f"give each row {expected_keys(kind)}",
+            unknown.samples,
         )
-    else:
-        report.add("recognised shape")
-    if broken:
-        by_msg = defaultdict(list)
-        for row, msg in broken:
-            by_msg[msg].append(row)
-        summary = "; ".join(f"{m} (×{len(v)})" for m, v in list(by_msg.items())[:3])
-        report.add(
+        if unknown.count
+        else None,
+    )
+    report.add(
+        "schema and roles",
+        Finding(
             "schema and roles",
-            Finding(
-                "schema and roles",
-                "error",
-                len(broken),
-                summary,
-                "correct each row as its message says",
-                [Sample(r.where, msg) for r, msg in broken[:n]],
-            ),
+            "error",
+            broken.count,
+            "; ".join(f"{m} (×{c})" for m, c in list(broken.causes.items())[:3]),
+            "correct each row as its message says",
+            broken.samples,
         )
-    else:
-        report.add("schema and roles")
-    return valid
+        if broken.count
+        else None,
+    )
 
 
-def _content_checks(report: DataReport, valid, pii_policy: str, n: int) -> None:
-    secrets, pii = [], []
-    for row, (_, norm) in valid:
-        text = conversation_text(norm)
-        for name, pattern in SECRETS.items():
-            if m := pattern.search(text):
-                secrets.append(Sample(row.where, f"{name}: {_mask(m.group())}"))
-        for name, pattern in PII.items():
-            if m := pattern.search(text):
-                pii.append(Sample(row.where, f"{name}: {_mask(m.group())}"))
+def _content_findings(report: DataReport, secrets: Tally, pii: Tally, pii_policy: str) -> None:
     report.add(
         "no secrets",
         Finding(
             "no secrets",
             "error",
-            len(secrets),
+            secrets.count,
             "credentials found in the text (they would be memorised)",
             "remove or redact the credentials, and rotate them: they have been shared",
-            secrets[:n],
+            secrets.samples,
         )
-        if secrets
+        if secrets.count
         else None,
     )
-    severity = "error" if pii_policy == "block" else "warning"
     report.add(
         "personal data",
         Finding(
             "personal data",
-            severity,
-            len(pii),
+            "error" if pii_policy == "block" else "warning",
+            pii.count,
             "emails or phone numbers in the text",
             "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
-            pii[:n],
+            pii.samples,
         )
-        if pii
+        if pii.count
         else None,
     )
 
 
-def _token_counts(kind: str, valid, tokenizer) -> list[int] | None:
-    if tokenizer is None or not valid:
-        return None
-    texts = []
-    for _, (_, norm) in valid:
-        msgs = norm["prompt"] + norm.get("completion", norm.get("chosen", []))
-        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
-        if kind == "preferences":  # the longer side decides
-            alt = tokenizer.apply_chat_template(norm["prompt"] + norm["rejected"], tokenize=False)
-            texts[-1] = max(texts[-1], alt, key=len)
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) for ids in enc]
+def _where(frame: pd.DataFrame) -> list[str]:
+    return [f"{f}:{line}" for f, line in zip(frame["file"], frame["line"], strict=True)]
 
 
 def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy, max_dup, n) -> None:
@@ -275,26 +546,28 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
     if o.success:
         report.add("one shape per split")
     else:
-        counts = frame["shape"].value_counts()
-        minority = frame[frame["shape"] != counts.index[0]]
+        counts = frame["shape"].astype(str).value_counts()  # ties: first seen wins
+        minority = frame[frame["shape"] != counts.index[0]].head(n)
         report.add(
             "one shape per split",
             Finding(
                 "one shape per split",
                 "error",
-                len(minority),
-                "mixed shapes: " + ", ".join(f"{s} ×{c}" for s, c in counts.items()),
+                int((frame["shape"] != counts.index[0]).sum()),
+                "mixed shapes: " + ", ".join(f"{s} ×{c}" for s, c in counts.items() if c),
                 f"convert every row to one shape ({counts.index[0]})",
-                [Sample(w, s) for w, s in zip(minority["where"][:n], minority["shape"][:n], strict=True)],
+                [Sample(w, s) for w, s in zip(_where(minority), minority["shape"], strict=True)],
             ),
         )
     dup_mask = frame.duplicated("norm_hash", keep="first")
     n_dup = int(dup_mask.sum())
     if n_dup:
-        first = frame.drop_duplicates("norm_hash").set_index("norm_hash")["where"]
+        dups = frame[dup_mask].head(n)
+        firsts = frame[~dup_mask & frame["norm_hash"].isin(dups["norm_hash"])]
+        first_at = dict(zip(firsts["norm_hash"], _where(firsts), strict=True))
         samples = [
-            Sample(w, f"duplicate of {first[h]}")
-            for w, h in zip(frame["where"][dup_mask][:n], frame["norm_hash"][dup_mask][:n], strict=True)
+            Sample(w, f"duplicate of {first_at[h]}")
+            for w, h in zip(_where(dups), dups["norm_hash"], strict=True)
         ]
         o = outcomes["duplicates"]
         report.add(
@@ -313,7 +586,7 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
         report.add("duplicates")
     if "length" in outcomes:
         o = outcomes["length"]
-        too_long = frame[frame["n_tokens"] > max_length]
+        too_long = frame[frame["n_tokens"] > max_length].head(n)
         report.add(
             "length",
             None
@@ -327,17 +600,20 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
                 "shorten them, raise validate.max_length, or set validate.length_policy=drop",
                 [
                     Sample(w, f"{t} tokens")
-                    for w, t in zip(too_long["where"][:n], too_long["n_tokens"][:n], strict=True)
+                    for w, t in zip(_where(too_long), too_long["n_tokens"], strict=True)
                 ],
             ),
         )
 
 
-def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
-    """The tokens an SFT row trains on are the completion's: they must exist and include end-of-turn."""
-    empty = []
+def _loss_mask_check(
+    report: DataReport, sample: list[tuple[str, dict]], n_rows: int, tokenizer, n: int
+) -> None:
+    """The tokens an SFT row trains on are the completion's: they must exist and include end-of-turn.
+    Schema checks already guarantee non-empty answers; rendering a spread sample (the first row of each
+    chunk) catches templates that still mask them out, without tokenizing a million rows twice."""
     eos = tokenizer.eos_token
-    _, (_, first) = valid[0]
+    where, first = sample[0]
     full = tokenizer.apply_chat_template(first["prompt"] + first["completion"], tokenize=False)
     answer = first["completion"][-1]["content"]
     tail = full[full.rfind(answer) + len(answer) :] if answer in full else ""
@@ -347,24 +623,22 @@ def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
             Finding(
                 "loss mask",
                 "error",
-                len(valid),
+                n_rows,
                 f"the chat template drops the end-of-turn token {eos!r} after the assistant's answer, so the "
                 "model would never learn to stop",
                 "use a chat template that closes assistant turns with the EOS token",
-                [Sample(valid[0][0].where, repr(full[-60:]))],
+                [Sample(where, repr(full[-60:]))],
             ),
         )
         return
-    # Schema checks already guarantee non-empty answers; rendering a spread sample catches templates
-    # that still mask them out, without tokenizing a million rows twice.
-    step = max(1, len(valid) // 256)
-    for row, (_, norm) in valid[::step]:
+    empty = []
+    for where, norm in sample:
         prompt_ids = tokenizer.apply_chat_template(norm["prompt"], add_generation_prompt=True, tokenize=True)
         full_ids = tokenizer.apply_chat_template(norm["prompt"] + norm["completion"], tokenize=True)
         if hasattr(prompt_ids, "input_ids"):
             prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
         if len(full_ids) <= len(prompt_ids):
-            empty.append(Sample(row.where, "no trainable tokens"))
+            empty.append(Sample(where, "no trainable tokens"))
         if len(empty) >= n:
             break
     report.add(
@@ -382,8 +656,14 @@ def _loss_mask_check(report: DataReport, valid, tokenizer, n: int) -> None:
     )
 
 
-def _norm_hash(text: str) -> str:
-    return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+def _last_user(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _norm_hash(text: str) -> int:
+    """64-bit hash of the text with case and whitespace normalised (collisions: ~1e-8 at 1M rows)."""
+    digest = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _mask(secret: str) -> str:

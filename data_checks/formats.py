@@ -30,6 +30,20 @@ SHAPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def arrow_schema(kind: str):
+    """The Parquet schema of a kind's normalised rows (what the build stage writes and TRL reads)."""
+    import pyarrow as pa
+
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    fields = {
+        "sft": [("prompt", messages), ("completion", messages)],
+        "preferences": [("prompt", messages), ("chosen", messages), ("rejected", messages)],
+        "prompts": [("prompt", messages)],
+        "eval": [("prompt", messages), ("expected_any", pa.list_(pa.string()))],
+    }[kind]
+    return pa.schema(fields)
+
+
 class RowError(ValueError):
     """A row that cannot be normalised; the message says what is wrong and how to fix it."""
 

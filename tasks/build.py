@@ -1,8 +1,10 @@
 """Stage 2: build the instruction datasets (TRL formats) from validated data.
 
-Dedupe on normalised text, split train/eval by a stable seeded hash (a row never changes side when
-others are added), write Parquet plus a manifest of sources, counts, drops and output digests.
-Re-running on the same inputs gives byte-identical outputs.
+Streams each validated file once: drops normalised duplicates (the validate stage hashed each row),
+splits train/eval by a stable seeded hash of the prompt (a row never changes side when others are
+added), and writes Parquet in bounded batches, so a million rows build in constant memory. The manifest
+records the raw sources and their digests, row counts at each step, every dropped row with its reason
+(`dropped.jsonl`), and the output digests. Re-running on the same inputs gives byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -10,16 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_checks.formats import conversation_text
+from data_checks.formats import arrow_schema
 from tunegate.artifacts import DataFile, InstructionDataset, ValidatedData, sha256_file
 from tunegate.config import BuildSection
 
 log = logging.getLogger(__name__)
+
+SPLITS = (
+    ("sft", "sft_train", "sft_eval"),
+    ("preferences", "pref_train", "pref_eval"),
+    ("prompts", "prompts", None),
+    ("eval", "eval", None),
+)
+ROW_GROUP = 65_536
 
 
 def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, seed: int) -> InstructionDataset:
@@ -27,39 +39,54 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
     out_dir.mkdir(parents=True, exist_ok=True)
     splits: dict[str, DataFile] = {}
     counts: dict[str, dict[str, int]] = {}
-    dropped: dict[str, int] = {}
-    for kind, train_name, eval_name in (
-        ("sft", "sft_train", "sft_eval"),
-        ("preferences", "pref_train", "pref_eval"),
-        ("prompts", "prompts", None),
-        ("eval", "eval", None),
-    ):
-        rows = _read(Path(data.files[kind].path))
-        unique = _dedupe(rows)
-        dropped[f"{kind}_duplicates"] = len(rows) - len(unique)
-        if eval_name is None:
-            parts = {train_name: unique}
-        else:
-            held = [r for r in unique if _bucket(r, seed) < cfg.eval_fraction]
-            parts = {
-                train_name: [r for r in unique if _bucket(r, seed) >= cfg.eval_fraction],
-                eval_name: held,
+    reasons: Counter = Counter()
+    dropped_path = out_dir / "dropped.jsonl"
+    with open(dropped_path.with_suffix(".tmp"), "w", encoding="utf-8") as dropped:
+        for kind, train_name, eval_name in SPLITS:
+            if kind not in data.files:
+                continue
+            for line in _lines(data.dropped.get(kind)):  # dropped by the validate stage's policy
+                record = json.loads(line)
+                reasons[f"{kind}: {record['reason'].split(':')[0]}"] += 1
+                dropped.write(
+                    json.dumps({"kind": kind, "step": "validate", **record}, ensure_ascii=False) + "\n"
+                )
+            names = [train_name] if eval_name is None else [train_name, eval_name]
+            writers = {name: _ParquetSink(out_dir / f"{name}.parquet", arrow_schema(kind)) for name in names}
+            first_seen: dict[int, str] = {}
+            n_in = 0
+            for line in _lines(data.files[kind].path):
+                row = json.loads(line)
+                n_in += 1
+                if (where := first_seen.get(row["_hash"])) is not None:
+                    reasons[f"{kind}: duplicate"] += 1
+                    record = {
+                        "kind": kind,
+                        "step": "build",
+                        "where": row["_where"],
+                        "reason": f"duplicate of {where}",
+                    }
+                    dropped.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    continue
+                first_seen[row["_hash"]] = row["_where"]
+                held_out = eval_name is not None and _bucket(row, seed) < cfg.eval_fraction
+                writers[eval_name if held_out else train_name].add(row)
+            for name, sink in writers.items():
+                splits[name] = sink.close(kind)
+            counts[kind] = {
+                **data.counts.get(kind, {}),
+                "validated": n_in,
+                "after_dedupe": len(first_seen),
+                **{name: splits[name].rows for name in names},
             }
-        counts[kind] = {
-            "validated": len(rows),
-            "after_dedupe": len(unique),
-            **{k: len(v) for k, v in parts.items()},
-        }
-        for name, part in parts.items():
-            path = out_dir / f"{name}.parquet"
-            _write_parquet(part, path)
-            splits[name] = DataFile(kind=kind, path=str(path), rows=len(part), sha256=sha256_file(path))
+    dropped_path.with_suffix(".tmp").replace(dropped_path)
     manifest = {
-        "sources": {k: {"path": f.path, "rows": f.rows, "sha256": f.sha256} for k, f in data.files.items()},
+        "sources": data.sources,
         "seed": seed,
         "eval_fraction": cfg.eval_fraction,
         "counts": counts,
-        "dropped": dropped,
+        "dropped": dict(sorted(reasons.items())),
+        "dropped_rows": {"path": dropped_path.name, "sha256": sha256_file(dropped_path)},
         "outputs": {
             k: {"path": Path(f.path).name, "rows": f.rows, "sha256": f.sha256} for k, f in splits.items()
         },
@@ -67,22 +94,18 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
     manifest_path = out_dir / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("built datasets: %s", {k: f.rows for k, f in splits.items()})
-    return InstructionDataset(root=str(out_dir), splits=splits, manifest=str(manifest_path), dropped=dropped)
+    return InstructionDataset(
+        root=str(out_dir), splits=splits, manifest=str(manifest_path), dropped=dict(sorted(reasons.items()))
+    )
 
 
-def _read(path: Path) -> list[dict]:
+def _lines(path: str | None) -> Iterator[str]:
+    if path is None or not Path(path).exists():
+        return
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _dedupe(rows: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for row in rows:
-        key = " ".join(conversation_text(row).lower().split())
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
+        for line in f:
+            if line.strip():
+                yield line
 
 
 def _bucket(row: dict, seed: int) -> float:
@@ -91,9 +114,29 @@ def _bucket(row: dict, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    table = pa.Table.from_pylist(clean) if clean else pa.table({})
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+class _ParquetSink:
+    """Rows to one Parquet file in row groups of ROW_GROUP, written to a temporary name and renamed."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path, self.schema = path, schema
+        self.tmp = path.with_suffix(".tmp")
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.buffer: list[dict] = []
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        self.buffer.append({name: row.get(name) for name in self.schema.names})
+        if len(self.buffer) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self.rows += len(self.buffer)
+            self.buffer = []
+
+    def close(self, kind: str) -> DataFile:
+        self._flush()
+        self.writer.close()
+        self.tmp.replace(self.path)
+        return DataFile(kind=kind, path=str(self.path), rows=self.rows, sha256=sha256_file(self.path))

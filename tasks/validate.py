@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from data_checks.checks import CheckedData, check_data, check_leakage
+from data_checks.checks import CheckedData, check_data, check_leakage, dropped_path
 from data_checks.readers import resolve_paths
-from data_checks.report import DataReport, reports_json, reports_markdown
-from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_file
+from data_checks.report import reports_json, reports_markdown
+from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_dir, sha256_file
 from tunegate.config import DataSection, ValidateSection
 from tunegate.errors import DataValidationError
 
@@ -33,30 +32,26 @@ def validate_data(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(base.path) if base is not None else None
-    reports: list[DataReport] = []
-    files: dict[str, DataFile] = {}
-    checked_by_kind = {}
+    checked: dict[str, CheckedData] = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
-        spec = getattr(data, kind)
-        checked = check_kind(cfg, kind, spec, tokenizer, system_prompt, data.shapes.get(kind))
-        checked_by_kind[kind] = checked
-        reports.append(checked.report)
+        checked[kind] = check_kind(
+            cfg,
+            kind,
+            getattr(data, kind),
+            tokenizer,
+            system_prompt,
+            data.shapes.get(kind),
+            out_path=out_dir / f"{kind}.jsonl",
+        )
     check_leakage(
-        checked_by_kind["eval"].report,
-        checked_by_kind["eval"].rows,
-        {k: c.rows for k, c in checked_by_kind.items() if k != "eval"},
+        checked["eval"].report,
+        checked["eval"],
+        {k: c for k, c in checked.items() if k != "eval"},
         cfg.sample_rows,
     )
-    for kind, checked in checked_by_kind.items():
-        log.info("%s", checked.report.to_text())
-        if checked.report.passed:
-            path = out_dir / f"{kind}.jsonl"
-            with open(path, "w", encoding="utf-8") as f:
-                for row in checked.rows:
-                    f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-            files[kind] = DataFile(
-                kind=kind, path=str(path), rows=len(checked.rows), sha256=sha256_file(path)
-            )
+    reports = [c.report for c in checked.values()]
+    for report in reports:
+        log.info("%s", report.to_text())
     md_path, json_path = out_dir / "validation.md", out_dir / "validation.json"
     md_path.write_text(reports_markdown(reports), encoding="utf-8")
     json_path.write_text(reports_json(reports), encoding="utf-8")
@@ -69,8 +64,18 @@ def validate_data(
             f"{first.check}{where}: {first.message}. Fix: {first.fix}. Full report: {md_path}",
             report=reports,
         )
+    files = {
+        kind: DataFile(kind=kind, path=str(c.path), rows=c.report.rows_valid, sha256=sha256_file(c.path))
+        for kind, c in checked.items()
+    }
     return ValidatedData(
         files=files,
+        dropped={kind: str(dropped_path(c.path)) for kind, c in checked.items()},
+        counts={
+            kind: {"read": c.report.rows_read, "valid": len(c.frame), "kept": c.report.rows_valid}
+            for kind, c in checked.items()
+        },
+        sources={f: _digest(f) for r in reports for f in r.files},
         report_json=str(json_path),
         report_markdown=str(md_path),
         warnings=sum(len(r.warnings) for r in reports),
@@ -84,6 +89,7 @@ def check_kind(
     tokenizer,
     system_prompt: str | None = None,
     shape: str | None = None,
+    out_path: Path | None = None,
 ) -> CheckedData:
     """Run every single-file check for one data kind with the settings of `cfg` (also `tunegate validate`)."""
     return check_data(
@@ -98,16 +104,22 @@ def check_kind(
         tokenizer=tokenizer,
         system_prompt=system_prompt,
         shape=shape,
+        out_path=out_path,
+        workers=cfg.workers,
     )
 
 
 def source_digests(data: DataSection) -> dict[str, str]:
-    """sha256 of every raw input file, for lineage and caching."""
+    """sha256 of every raw input file (a saved HF dataset: of its directory), for lineage and caching."""
     return {
-        str(p): sha256_file(p)
+        str(p): _digest(p)
         for kind in ("sft", "preferences", "prompts", "eval")
         for p in resolve_paths(getattr(data, kind))
     }
+
+
+def _digest(path: str | Path) -> str:
+    return sha256_dir(path) if Path(path).is_dir() else sha256_file(path)
 
 
 def load_tokenizer(path: str):

@@ -8,7 +8,7 @@ import pandas as pd
 
 from tasks.build import build_datasets
 from tasks.validate import validate_data
-from tunegate.artifacts import ModelArtifact
+from tunegate.artifacts import ModelArtifact, sha256_file
 from tunegate.config import BuildSection, DataSection, ValidateSection
 
 
@@ -59,8 +59,43 @@ def test_duplicates_are_dropped_and_counted(tmp_path, tiny_model, data_dir):
     ds = build_datasets(
         BuildSection(), _validated(dup_dir, tiny_model, tmp_path / "v"), out_dir=tmp_path / "d", seed=1
     )
-    assert ds.dropped["sft_duplicates"] == 3
+    assert ds.dropped["sft: duplicate"] == 3
     assert ds.splits["sft_train"].rows + ds.splits["sft_eval"].rows == len(rows)
+    dropped = [json.loads(line) for line in open(tmp_path / "d" / "dropped.jsonl")]
+    assert [d["where"].rsplit(":", 1)[1] for d in dropped] == [str(len(rows) + i) for i in (1, 2, 3)]
+    assert dropped[0]["reason"] == f"duplicate of {dup_dir / 'sft.jsonl'}:1"
+
+
+def test_manifest_records_sources_counts_and_every_dropped_row(tmp_path, tiny_model, data_dir):
+    rows = [json.loads(line) for line in open(data_dir / "sft.jsonl")]
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in ("preferences", "prompts", "eval"):
+        (src / f"{k}.jsonl").write_text((data_dir / f"{k}.jsonl").read_text())
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    (src / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, long, rows[0]]))
+    ds = build_datasets(
+        BuildSection(), _validated(src, tiny_model, tmp_path / "v"), out_dir=tmp_path / "d", seed=1
+    )
+    manifest = json.loads(open(ds.manifest).read())
+    assert manifest["sources"][str(src / "sft.jsonl")] == sha256_file(src / "sft.jsonl")
+    n = len(rows)
+    assert manifest["counts"]["sft"] == {
+        "read": n + 2,
+        "valid": n + 2,
+        "kept": n + 1,
+        "validated": n + 1,
+        "after_dedupe": n,
+        "sft_train": ds.splits["sft_train"].rows,
+        "sft_eval": ds.splits["sft_eval"].rows,
+    }
+    assert manifest["dropped"] == {"sft: duplicate": 1, "sft: too long": 1}
+    dropped = [json.loads(line) for line in open(tmp_path / "d" / manifest["dropped_rows"]["path"])]
+    assert [(d["step"], d["where"].rsplit(":", 1)[1]) for d in dropped] == [
+        ("validate", str(n + 1)),
+        ("build", str(n + 2)),
+    ]
+    assert dropped[0]["reason"].startswith("too long: ") and "validate.max_length=256" in dropped[0]["reason"]
 
 
 def test_eval_prompt_seen_in_training_is_leakage(data_dir, tiny_model, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ def run(kind: str, path, tokenizer=None, **overrides):
         "pii_policy": "block",
         "sample_rows": 5,
         "tokenizer": tokenizer,
+        "out_path": Path(tempfile.mkdtemp(prefix="tunegate-check-")) / f"{kind}.jsonl",
     }
     opts.update(overrides)
     return check_data(kind, str(path), **opts)
@@ -286,3 +288,26 @@ def test_unknown_configured_shape_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown shape for sft: 'alpacca'"):
         load_config(None, ["data.shapes.sft=alpacca"])
+
+
+def test_worker_processes_and_chunking_give_the_same_result(data_dir, tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import data_checks.readers
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = (data_dir / "sft.jsonl").read_text().splitlines()
+    bad = '{"messages": [{"role": "robot", "content": "x"}]}'
+    (tmp_path / "in.jsonl").write_text("\n".join([*rows[:40], bad, "{oops", *rows[40:], rows[0]]) + "\n")
+    monkeypatch.setattr(data_checks.readers, "CHUNK_ROWS", 7)  # many chunks, samples across their edges
+    one = run("sft", tmp_path / "in.jsonl", tok, workers=1, out_path=tmp_path / "one.jsonl")
+    two = run("sft", tmp_path / "in.jsonl", tok, workers=2, out_path=tmp_path / "two.jsonl")
+    assert one.report.to_dict() == two.report.to_dict()
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+    assert one.frame.equals(two.frame)
+    errors = failed(one.report)
+    assert errors["schema and roles"].samples[0].where.endswith("in.jsonl:41")
+    assert errors["file parses"].samples[0].where.endswith("in.jsonl:42")
+    assert one.report.rows_read == len(rows) + 2 and one.report.rows_valid == len(rows) + 1
+    dup = next(c.finding for c in one.report.checks if c.check == "duplicates")
+    assert dup.samples[0].value.endswith("in.jsonl:1")

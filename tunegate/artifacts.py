@@ -24,7 +24,14 @@ class DataFile(Artifact):
 
 
 class ValidatedData(Artifact):
-    files: dict[str, DataFile]
+    files: dict[str, DataFile] = Field(description="kind -> kept rows, normalised to TRL's format (JSONL)")
+    dropped: dict[str, str] = Field(
+        default_factory=dict, description="kind -> JSONL of rows dropped by policy, with the reason"
+    )
+    counts: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="kind -> rows read, valid, kept"
+    )
+    sources: dict[str, str] = Field(default_factory=dict, description="raw input file -> sha256")
     report_json: str
     report_markdown: str
     warnings: int = 0

@@ -102,6 +102,9 @@ class ValidateSection(Section):
         "warn", description="Emails and phone numbers: warn, or block the run. Secrets always block."
     )
     sample_rows: int = Field(5, ge=1, le=100, description="Sample locations shown per failed check.")
+    workers: int = Field(
+        0, ge=0, description="Processes that check data; 0 = one per core for inputs over 16 MiB, else one."
+    )
 
 
 class BuildSection(Section):
