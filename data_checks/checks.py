@@ -89,7 +89,7 @@ class ChunkResult:
     file: str
     rows_read: int
     tallies: dict[str, Tally]
-    columns: dict[str, np.ndarray]  # per valid row: line, norm_hash, prompt_hash, n_tokens, kept
+    columns: dict[str, np.ndarray]  # per valid row: line, norm_hash, exact_hash, prompt_hash, n_tokens, kept
     shapes: list[str]
     kept_jsonl: bytes  # valid rows kept, normalised, one JSON object per line
     dropped_jsonl: bytes  # rows dropped by policy: {"where", "reason"}
@@ -99,7 +99,7 @@ class ChunkResult:
 @dataclass
 class CheckedData:
     report: DataReport
-    frame: pd.DataFrame  # one row per valid row: file, line, shape, norm_hash, prompt_hash, n_tokens, kept
+    frame: pd.DataFrame  # per valid row: file, line, shape, norm/exact/prompt hashes, n_tokens, kept
     path: Path | None = None  # the kept rows in TRL format (with `_where`, `_n_tokens`, `_hash`)
 
     @property
@@ -113,7 +113,7 @@ class CheckedData:
 
 def check_data(
     kind: str,
-    spec: str,
+    spec: str | list[str],
     *,
     min_rows: int,
     max_length: int,
@@ -134,7 +134,8 @@ def check_data(
     inputs over 16 MiB.
     """
     paths = resolve_paths(spec)
-    report = DataReport(kind=kind, source=str(spec), files=[str(p) for p in paths], rows_read=0, rows_valid=0)
+    source = ", ".join(map(str, spec)) if isinstance(spec, list | tuple) else str(spec)
+    report = DataReport(kind=kind, source=source, files=[str(p) for p in paths], rows_read=0, rows_valid=0)
     settings = CheckSettings(
         kind, shape, system_prompt, tokenizer, max_length, length_policy == "drop", sample_rows
     )
@@ -142,7 +143,7 @@ def check_data(
         workers = min(os.cpu_count() or 1, 8) if paths and input_bytes(paths) > PARALLEL_ABOVE_BYTES else 1
     acc = _Accumulator(sample_rows)
     if not paths:
-        p = no_files_problem(spec)
+        p = no_files_problem(source)
         acc.tallies["parse"].add(Sample(p.where, p.what), sample_rows, p.what)
     out = Path(out_path) if out_path is not None else None
     with _Outputs(out) as sink:
@@ -244,7 +245,7 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
         valid = [v for v, k in zip(valid, keep, strict=True) if k]
         n_tokens = [c for c, k in zip(counts, keep, strict=True) if k]
 
-    lines, norm_hashes, prompt_hashes, kept = [], [], [], []
+    lines, norm_hashes, exact_hashes, prompt_hashes, kept = [], [], [], [], []
     out, dropped = [], []
     for (row, _, norm), tokens in zip(valid, n_tokens, strict=True):
         text = conversation_text(norm)
@@ -252,6 +253,7 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
         h = _norm_hash(text)
         lines.append(row.line)
         norm_hashes.append(h)
+        exact_hashes.append(_hash(text))
         prompt_hashes.append(_norm_hash(_last_user(norm["prompt"])))
         keep = not (s.drop_long and tokens > s.max_length)
         kept.append(keep)
@@ -268,6 +270,7 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
         columns={
             "line": np.asarray(lines, dtype=np.int64),
             "norm_hash": np.asarray(norm_hashes, dtype=np.int64),
+            "exact_hash": np.asarray(exact_hashes, dtype=np.int64),
             "prompt_hash": np.asarray(prompt_hashes, dtype=np.int64),
             "n_tokens": np.asarray(n_tokens, dtype=np.int32),
             "kept": np.asarray(kept, dtype=bool),
@@ -404,6 +407,7 @@ class _Accumulator:
                 "line": cat(self.columns.get("line", []), np.int64),
                 "shape": pd.Categorical(cat(self.shapes, object)),
                 "norm_hash": cat(self.columns.get("norm_hash", []), np.int64),
+                "exact_hash": cat(self.columns.get("exact_hash", []), np.int64),
                 "prompt_hash": cat(self.columns.get("prompt_hash", []), np.int64),
                 "n_tokens": cat(self.columns.get("n_tokens", []), np.int32),
                 "kept": cat(self.columns.get("kept", []), bool),
@@ -569,6 +573,7 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
             Sample(w, f"duplicate of {first_at[h]}")
             for w, h in zip(_where(dups), dups["norm_hash"], strict=True)
         ]
+        n_exact = int(frame.duplicated("exact_hash", keep="first").sum())
         o = outcomes["duplicates"]
         report.add(
             "duplicates",
@@ -576,7 +581,7 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
                 "duplicates",
                 "warning" if o.success else "error",
                 n_dup,
-                f"{n_dup} rows repeat another (after normalising case and whitespace); "
+                f"{n_dup} rows repeat another after normalising case and whitespace ({n_exact} exactly); "
                 f"{'within' if o.success else 'above'} the {max_dup:.0%} limit",
                 "remove the repeats (the build stage drops them), or raise validate.max_duplicate_fraction",
                 samples,
@@ -631,29 +636,50 @@ def _loss_mask_check(
             ),
         )
         return
-    empty = []
-    for where, norm in sample:
-        prompt_ids = tokenizer.apply_chat_template(norm["prompt"], add_generation_prompt=True, tokenize=True)
-        full_ids = tokenizer.apply_chat_template(norm["prompt"] + norm["completion"], tokenize=True)
-        if hasattr(prompt_ids, "input_ids"):
-            prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-        if len(full_ids) <= len(prompt_ids):
+    empty, shifted = [], []
+    for i, (where, norm) in enumerate(sample):
+        prompt_ids = _ids(
+            tokenizer.apply_chat_template(norm["prompt"], add_generation_prompt=True, tokenize=True)
+        )
+        full_ids = _ids(tokenizer.apply_chat_template(norm["prompt"] + norm["completion"], tokenize=True))
+        if i == 0:  # show a person which tokens train
+            report.examples["loss mask"] = (
+                tokenizer.decode(full_ids[: len(prompt_ids)])
+                + "⟦"
+                + tokenizer.decode(full_ids[len(prompt_ids) :])
+                + "⟧"
+            )
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            shifted.append(Sample(where, "prompt tokens differ inside the full conversation"))
+        elif len(full_ids) <= len(prompt_ids):
             empty.append(Sample(where, "no trainable tokens"))
-        if len(empty) >= n:
-            break
-    report.add(
-        "loss mask",
-        Finding(
+    if shifted:
+        finding = Finding(
+            "loss mask",
+            "error",
+            len(shifted),
+            f"in {len(shifted)} of {len(sample)} rendered sample rows the chat template renders the prompt "
+            "differently once the answer follows (it adds or strips text), so the loss mask would fall on "
+            "the wrong tokens",
+            "use a chat template whose generation prompt is a prefix of the full conversation",
+            shifted[:n],
+        )
+    elif empty:
+        finding = Finding(
             "loss mask",
             "error",
             len(empty),
-            "examples with nothing to train on after masking the prompt",
+            f"{len(empty)} of {len(sample)} rendered sample rows have nothing to train on after masking the prompt",
             "give each example a non-empty assistant answer",
-            empty,
+            empty[:n],
         )
-        if empty
-        else None,
-    )
+    else:
+        finding = None
+    report.add("loss mask", finding)
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def _last_user(messages: list[dict]) -> str:
@@ -662,7 +688,11 @@ def _last_user(messages: list[dict]) -> str:
 
 def _norm_hash(text: str) -> int:
     """64-bit hash of the text with case and whitespace normalised (collisions: ~1e-8 at 1M rows)."""
-    digest = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest()
+    return _hash(" ".join(text.lower().split()))
+
+
+def _hash(text: str) -> int:
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

@@ -56,8 +56,11 @@ class Chunk:
     problems: list[ParseProblem] = field(default_factory=list)
 
 
-def resolve_paths(spec: str | Path) -> list[Path]:
-    """Expand a file, a directory of data files, or a glob into a sorted list of files."""
+def resolve_paths(spec: str | Path | list[str | Path]) -> list[Path]:
+    """Expand a file, a directory of data files, a glob, or a list of those into a list of files
+    (sorted within each directory or glob; a list keeps its order, without repeats)."""
+    if isinstance(spec, list | tuple):
+        return list(dict.fromkeys(p for part in spec for p in resolve_paths(part)))
     spec = str(spec)
     p = Path(spec)
     if p.is_file() or is_hf_dataset_dir(p):

@@ -41,6 +41,7 @@ class DataReport:
     rows_valid: int
     checks: list[CheckResult] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # e.g. a rendered row, trained tokens in ⟦⟧
 
     @property
     def errors(self) -> list[Finding]:
@@ -80,6 +81,8 @@ class DataReport:
             lines.append(f"| {c.check} | {mark} | {f.count} | {_cell(detail)} |")
         if self.dropped:
             lines += ["", "Dropped: " + ", ".join(f"{k}: {v}" for k, v in self.dropped.items())]
+        for name, text in self.examples.items():
+            lines += ["", f"{name} (tokens that train are inside ⟦ ⟧):", "", "```", text, "```"]
         return "\n".join(lines)
 
     def to_text(self) -> str:
@@ -97,6 +100,9 @@ class DataReport:
             for s in f.samples:
                 out.append(f"          at {s.where}: {s.value}")
             out.append(f"          fix: {f.fix}")
+        for name, text in self.examples.items():
+            out.append(f"  {name} (tokens that train are inside ⟦ ⟧):")
+            out.extend(f"    {line}" for line in text.splitlines())
         return "\n".join(out)
 
 

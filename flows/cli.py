@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
 
     val = sub.add_parser("validate", help="validate one data file (exit 0 pass, 1 fail, 2 usage error)")
     val.add_argument("path", help="file, directory or glob")
-    val.add_argument("--kind", required=True, choices=["sft", "preferences", "prompts", "eval"])
+    val.add_argument(
+        "--kind",
+        required=True,
+        choices=["sft", "preference", "preferences", "prompts", "eval"],
+        help="data kind ('preference' and 'preferences' are the same)",
+    )
     val.add_argument("--config", type=Path)
     val.add_argument("--format", choices=["text", "markdown", "json"], default="text")
 
@@ -63,14 +68,15 @@ def _validate(args) -> int:
     from tunegate.config import load_config
 
     cfg = load_config(args.config)
+    kind = "preferences" if args.kind == "preference" else args.kind
     tokenizer = load_tokenizer(prepare_base_model(cfg.model).path)
     checked = check_kind(
         cfg.validate_,
-        args.kind,
+        kind,
         args.path,
         tokenizer,
         cfg.model.system_prompt,
-        cfg.data.shapes.get(args.kind),
+        cfg.data.shapes.get(kind),
     )
     r = checked.report
     if args.format == "json":

@@ -23,8 +23,8 @@ def test_build_is_byte_identical_across_runs(data_dir, tiny_model, tmp_path):
     a = build_datasets(BuildSection(), validated, out_dir=tmp_path / "a", seed=3)
     b = build_datasets(BuildSection(), validated, out_dir=tmp_path / "b", seed=3)
     assert {k: f.sha256 for k, f in a.splits.items()} == {k: f.sha256 for k, f in b.splits.items()}
+    assert open(a.manifest, "rb").read() == open(b.manifest, "rb").read()  # digests, counts, drops
     manifest = json.loads(open(a.manifest).read())
-    assert manifest["outputs"] == json.loads(open(b.manifest).read())["outputs"]
     assert (
         manifest["counts"]["sft"]["sft_train"] + manifest["counts"]["sft"]["sft_eval"]
         == manifest["counts"]["sft"]["after_dedupe"]
@@ -121,3 +121,66 @@ def test_eval_prompt_seen_in_training_is_leakage(data_dir, tiny_model, tmp_path)
         "also in training at" in finding["samples"][0]["value"]
         and "sft.jsonl:4" in finding["samples"][0]["value"]
     )
+
+
+def test_user_formats_round_trip_to_trl_parquet(tmp_path, tiny_model):
+    """Alpaca, ShareGPT, prompt-completion and implicit-prompt preferences, written as users bring
+    them, come out of validate + build as TRL's conversational datasets."""
+    from datasets import Dataset
+
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 12
+    alpaca = [{"instruction": f"Add {i} and 2", "input": "", "output": str(i + 2)} for i in range(n)]
+    sharegpt = [
+        {"conversations": [{"from": "human", "value": f"Name pet {i}"}, {"from": "gpt", "value": f"Rex {i}"}]}
+        for i in range(n)
+    ]
+    pairs = [
+        {
+            "chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"good {i}"}],
+            "rejected": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"bad {i}"}],
+        }
+        for i in range(n)
+    ]
+    prompts = [{"prompt": f"Tell me about cat {i}"} for i in range(n)]
+    evals = [{"prompt": f"Hold-out {i}", "expected_any": [f"a{i}"]} for i in range(n)]
+    (src / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
+    pd.DataFrame({"conversations": [json.dumps(r["conversations"]) for r in sharegpt]}).to_csv(
+        src / "sharegpt.csv", index=False
+    )
+    pd.DataFrame(pairs).to_parquet(src / "pairs.parquet")
+    (src / "prompts.json").write_text(json.dumps(prompts))
+    (src / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    data = DataSection(
+        sft=[str(src / "alpaca.jsonl")],
+        preferences=str(src / "pairs.parquet"),
+        prompts=str(src / "prompts.json"),
+        eval=str(src / "eval.jsonl"),
+    )
+    base = ModelArtifact(path=str(tiny_model), role="base", base_model="tiny", digest="x")
+    cfg = ValidateSection(max_length=256, min_rows={k: 1 for k in ("sft", "preferences", "prompts", "eval")})
+    for sft_file, first_prompt, first_answer in (
+        ("alpaca.jsonl", "Add 0 and 2", "2"),
+        ("sharegpt.csv", "Name pet 0", "Rex 0"),
+    ):
+        data = data.model_copy(update={"sft": [str(src / sft_file)]})
+        validated = validate_data(
+            cfg, data, base, out_dir=tmp_path / sft_file / "v", system_prompt="Be kind."
+        )
+        ds = build_datasets(
+            BuildSection(eval_fraction=0.25), validated, out_dir=tmp_path / sft_file / "d", seed=0
+        )
+        sft = Dataset.from_parquet([ds.splits["sft_train"].path, ds.splits["sft_eval"].path])
+        assert sft.column_names == ["prompt", "completion"] and len(sft) == n
+        row = next(r for r in sft if r["prompt"][-1]["content"] == first_prompt)
+        assert row["prompt"][0] == {"role": "system", "content": "Be kind."}
+        assert row["completion"] == [{"role": "assistant", "content": first_answer}]
+    pref = Dataset.from_parquet([ds.splits["pref_train"].path, ds.splits["pref_eval"].path])
+    assert pref.column_names == ["prompt", "chosen", "rejected"]
+    row = next(r for r in pref if r["prompt"][-1]["content"] == "Q0")
+    assert row["chosen"] == [{"role": "assistant", "content": "good 0"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "bad 0"}]
+    prompt_rows = Dataset.from_parquet(ds.splits["prompts"].path)
+    assert prompt_rows[0]["prompt"][-1] == {"role": "user", "content": "Tell me about cat 0"}
+    assert Dataset.from_parquet(ds.splits["eval"].path)[0]["expected_any"] == ["a0"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from flows.cli import main, summary
@@ -23,6 +24,13 @@ def test_validate_exit_codes(tmp_path, tiny_model, data_dir, capsys):
     assert main(["validate", f"{BAD}/sft_bad_role.jsonl", "--kind", "sft", "--config", cfg]) == 1
     out = capsys.readouterr().out
     assert "FAIL  schema and roles" in out and "sft_bad_role.jsonl:1" in out and "fix:" in out
+    assert (
+        main(["validate", str(data_dir / "preferences.jsonl"), "--kind", "preference", "--config", cfg]) == 0
+    )
+    assert "preferences" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        main(["validate", str(data_dir / "sft.jsonl"), "--kind", "sfft"])
+    assert usage.value.code == 2
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("sft:\n  max_stpes: 1\n")
     assert main(["validate", str(data_dir / "sft.jsonl"), "--kind", "sft", "--config", str(bad_cfg)]) == 2

@@ -27,7 +27,7 @@ def run(kind: str, path, tokenizer=None, **overrides):
         "out_path": Path(tempfile.mkdtemp(prefix="tunegate-check-")) / f"{kind}.jsonl",
     }
     opts.update(overrides)
-    return check_data(kind, str(path), **opts)
+    return check_data(kind, path if isinstance(path, list) else str(path), **opts)
 
 
 def failed(report) -> dict[str, object]:
@@ -311,3 +311,78 @@ def test_worker_processes_and_chunking_give_the_same_result(data_dir, tiny_model
     assert one.report.rows_read == len(rows) + 2 and one.report.rows_valid == len(rows) + 1
     dup = next(c.finding for c in one.report.checks if c.check == "duplicates")
     assert dup.samples[0].value.endswith("in.jsonl:1")
+
+
+def test_report_shows_which_tokens_train(data_dir, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    report = run("sft", data_dir / "sft.jsonl", tok).report
+    example = report.examples["loss mask"]
+    first = json.loads((data_dir / "sft.jsonl").read_text().splitlines()[0])
+    trained = example[example.index("⟦") + 1 : example.rindex("⟧")]
+    assert first["messages"][-1]["content"] in trained and tok.eos_token in trained
+    assert first["messages"][-2]["content"] not in trained
+    assert "tokens that train are inside" in report.to_markdown() and "⟦" in report.to_text()
+
+
+def test_loss_mask_rejects_template_whose_generation_prompt_is_not_a_prefix(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    # The generation prompt opens a thinking block that the rendered conversation does not have.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+    )
+    path = tmp_path / "ok.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path.write_text(json.dumps(row) + "\n")
+    finding = failed(run("sft", path, tok).report)["loss mask"]
+    assert "renders the prompt differently" in finding.message and finding.samples[0].where.endswith(":1")
+
+
+def test_duplicates_count_exact_and_normalised_repeats(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]}
+    loud = {
+        "messages": [{"role": "user", "content": "HI   there"}, {"role": "assistant", "content": "hello"}]
+    }
+    path = tmp_path / "dups.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row, row, loud]))
+    finding = failed(run("sft", path).report)["duplicates"]
+    assert finding.count == 2 and "(1 exactly)" in finding.message
+    assert [s.where.rsplit(":", 1)[1] for s in finding.samples] == ["2", "3"]
+    assert all(s.value.endswith("dups.jsonl:1") for s in finding.samples)
+
+
+def test_a_list_of_files_is_one_split(data_dir, tmp_path):
+    lines = (data_dir / "sft.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    pd.DataFrame([json.loads(x) for x in lines[10:15]]).to_parquet(tmp_path / "b.parquet")
+    checked = run("sft", [str(tmp_path / "b.parquet"), str(tmp_path / "a.jsonl")])
+    assert checked.report.files == [str(tmp_path / "b.parquet"), str(tmp_path / "a.jsonl")]
+    assert [r["_where"].rsplit("/", 1)[1] for r in checked.rows][:2] == ["b.parquet:1", "b.parquet:2"]
+    assert len(checked.rows) == 15
+
+
+def test_rows_the_chat_template_refuses_are_schema_errors(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    sys_row = {"messages": [{"role": "system", "content": "Be terse."}, *ok["messages"]]}
+    path = tmp_path / "sys.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [ok, sys_row, ok | {"id": 3}]))
+    checked = run("sft", path, tok)
+    finding = failed(checked.report)["schema and roles"]
+    assert finding.count == 1 and finding.samples[0].where.endswith("sys.jsonl:2")
+    assert (
+        "chat template rejects" in finding.samples[0].value
+        and "System role not supported" in finding.samples[0].value
+    )
+    assert checked.report.rows_valid == 2

@@ -53,12 +53,14 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    sft: str = Field("data/generated/sft.jsonl", description="SFT conversations (JSONL/JSON/Parquet/CSV).")
-    preferences: str = Field(
+    # Each kind: a file, a directory, a glob, or a list of those (JSONL, JSON, Parquet, CSV, or a
+    # `save_to_disk` dataset directory).
+    sft: str | list[str] = Field("data/generated/sft.jsonl", description="SFT conversations.")
+    preferences: str | list[str] = Field(
         "data/generated/preferences.jsonl", description="Preference pairs (prompt, chosen, rejected)."
     )
-    prompts: str = Field("data/generated/prompts.jsonl", description="Prompts for online RL.")
-    eval: str = Field(
+    prompts: str | list[str] = Field("data/generated/prompts.jsonl", description="Prompts for online RL.")
+    eval: str | list[str] = Field(
         "data/generated/eval.jsonl", description="Held-out eval prompts with checkable answers."
     )
     shapes: dict[Literal["sft", "preferences", "prompts", "eval"], str] = Field(
