@@ -27,8 +27,8 @@ from tasks.gates import apply_gates
 from tasks.registry import current_champion, fetch_champion, register_candidate
 from tasks.reward import train_reward_model
 from tasks.sft import train_sft
-from tasks.validate import source_digests, validate_data
-from tunegate.artifacts import Artifact, Registration
+from tasks.validate import validate_data
+from tunegate.artifacts import Artifact, InstructionDataset, Registration, ValidatedData
 from tunegate.config import PipelineConfig
 from tunegate.errors import DataValidationError
 
@@ -95,7 +95,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         dataset = build_task(
             config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed, parent_run_id=pid
         )
-        _log_datasets(dataset, config)
+        _log_datasets(dataset, validated)
         seed = config.run.seed
         sft = sft_task(config.sft, dataset, base, out_dir=run_dir / "sft", seed=seed, parent_run_id=pid)
         reward = reward_task(
@@ -197,17 +197,30 @@ def _log_record(record: Artifact) -> None:
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
 
 
-def _log_datasets(dataset, config: PipelineConfig) -> None:
-    """Each split as an MLflow dataset input with its digest, plus the raw sources' digests."""
-    import pandas as pd
+def _log_datasets(dataset: InstructionDataset, validated: ValidatedData) -> None:
+    """Each split as an MLflow dataset input (source, digest, schema, row count) without loading it
+    whole, plus the raw sources' digests, the build manifest and every dropped row with its reason."""
+    import warnings
+
+    import pyarrow.parquet as pq
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
 
     for name, f in dataset.splits.items():
-        frame = pd.read_parquet(f.path)
-        ds = mlflow.data.from_pandas(frame, source=f.path, name=name, digest=f.sha256[:16])
+        parquet = pq.ParquetFile(f.path)
+        head = next(parquet.iter_batches(batch_size=100), None)
+        head = (head if head is not None else parquet.schema_arrow.empty_table()).to_pandas()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local file either way
+            source = resolve_dataset_source(str(Path(f.path).resolve()))
+        ds = MetaDataset(source, name=name, digest=f.sha256[:16], schema=mlflow.data.from_pandas(head).schema)
         context = "eval" if name in ("sft_eval", "pref_eval", "eval") else "train"
         mlflow.log_input(ds, context=context, tags={"rows": str(f.rows), "sha256": f.sha256})
-    mlflow.log_dict(source_digests(config.data), "data/sources.json")
+    mlflow.log_dict(validated.sources, "data/sources.json")
     mlflow.log_artifact(dataset.manifest, "data")
+    dropped = Path(dataset.manifest).with_name("dropped.jsonl")
+    if dropped.exists():
+        mlflow.log_artifact(str(dropped), "data")
 
 
 def _publish_report(path: Path, key: str) -> None:

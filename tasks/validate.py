@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from data_checks.checks import CheckedData, check_data, check_leakage, dropped_path
-from data_checks.readers import resolve_paths
 from data_checks.report import reports_json, reports_markdown
 from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_dir, sha256_file
 from tunegate.config import DataSection, ValidateSection
@@ -107,15 +106,6 @@ def check_kind(
         out_path=out_path,
         workers=cfg.workers,
     )
-
-
-def source_digests(data: DataSection) -> dict[str, str]:
-    """sha256 of every raw input file (a saved HF dataset: of its directory), for lineage and caching."""
-    return {
-        str(p): _digest(p)
-        for kind in ("sft", "preferences", "prompts", "eval")
-        for p in resolve_paths(getattr(data, kind))
-    }
 
 
 def _digest(path: str | Path) -> str:

@@ -59,6 +59,12 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
 
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
     assert {"sft_train", "sft_eval", "pref_train", "prompts", "eval"} <= set(inputs)
+    train = inputs["sft_train"]
+    tags = {t.key: t.value for t in train.tags}
+    assert train.dataset.digest == tags["sha256"][:16] and int(tags["rows"]) > 0
+    assert "\"name\": \"prompt\"" in train.dataset.schema and "sft_train.parquet\"" in train.dataset.source
+    data_files = {a.path for a in client.list_artifacts(parent.info.run_id, "data")}
+    assert {"data/manifest.json", "data/dropped.jsonl", "data/sources.json"} <= data_files
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"gates.md", "config", "data", "validation"} <= artifacts
     resolved = json.loads(
