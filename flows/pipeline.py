@@ -6,6 +6,7 @@ Every stage runs as a Prefect task inside one MLflow parent run, with a nested M
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,16 +20,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.align import align_policy
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
 from tasks.gates import apply_gates
+from tasks.launch import launched
 from tasks.registry import current_champion, fetch_champion, register_candidate
-from tasks.reward import train_reward_model
-from tasks.sft import train_sft
 from tasks.validate import validate_data
-from tunegate.artifacts import Artifact, InstructionDataset, Registration, ValidatedData
+from tunegate.artifacts import Artifact, InstructionDataset, Registration, ValidatedData, sha256_file
 from tunegate.config import PipelineConfig
 from tunegate.errors import DataValidationError
 
@@ -56,9 +55,9 @@ def _stage(name: str, fn: Callable[..., Any], retries: int = 0) -> Callable[...,
 prepare_base_model_task = _stage("base-model", prepare_base_model)
 validate_task = _stage("validate", validate_data)
 build_task = _stage("build", build_datasets)
-sft_task = _stage("sft", train_sft)
-reward_task = _stage("reward-model", train_reward_model)
-align_task = _stage("align", align_policy)
+sft_task = _stage("sft", launched("sft"))
+reward_task = _stage("reward-model", launched("reward-model"))
+align_task = _stage("align", launched("align"))
 evaluate_task = _stage("evaluate", evaluate_models)
 gates_task = _stage("gates", apply_gates)
 register_task = _stage("register", register_candidate)
@@ -97,12 +96,45 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         )
         _log_datasets(dataset, validated)
         seed = config.run.seed
-        sft = sft_task(config.sft, dataset, base, out_dir=run_dir / "sft", seed=seed, parent_run_id=pid)
-        reward = reward_task(
-            config.reward, dataset, sft, out_dir=run_dir / "reward", seed=seed, parent_run_id=pid
+        launch = {"gpus": config.run.gpus, "accelerate_config": config.run.accelerate_config}
+        ckpt = _checkpoint_dirs(config, dataset, base)
+        sft = sft_task(
+            config.sft,
+            dataset,
+            base,
+            out_dir=run_dir / "sft",
+            seed=seed,
+            checkpoint_dir=ckpt("sft", base.digest),
+            **launch,
+            parent_run_id=pid,
         )
+        reward = None
+        if config.uses_reward_model:
+            backbone = sft
+            if config.reward.backbone:
+                backbone = prepare_base_model_task(
+                    config.model.model_copy(update={"base_model": config.reward.backbone}), parent_run_id=pid
+                )
+            reward = reward_task(
+                config.reward,
+                dataset,
+                backbone,
+                out_dir=run_dir / "reward",
+                seed=seed,
+                checkpoint_dir=ckpt("reward", backbone.digest),
+                **launch,
+                parent_run_id=pid,
+            )
         candidate = align_task(
-            config.align, dataset, sft, reward, out_dir=run_dir / "align", seed=seed, parent_run_id=pid
+            config.align,
+            dataset,
+            sft,
+            reward,
+            out_dir=run_dir / "align",
+            seed=seed,
+            checkpoint_dir=ckpt("align", sft.digest, reward.digest if reward else ""),
+            **launch,
+            parent_run_id=pid,
         )
         models = {"base": base.path, "candidate": candidate.path}
         if champion is not None:
@@ -160,6 +192,30 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "flow_run_id": str(run_id),
     }
+
+
+def _checkpoint_dirs(config: PipelineConfig, dataset: InstructionDataset, base) -> Callable[..., Path]:
+    """Where a training stage keeps its checkpoints: keyed by everything that decides its result (its
+    config section, the seed, the built data, the models it starts from), so a run started again
+    with the same inputs finds and resumes them, and a changed input never resumes stale ones."""
+    data_digest = sha256_file(dataset.manifest)
+    sections = {"sft": config.sft, "reward": config.reward, "align": config.align}
+
+    def directory(stage: str, *model_digests: str) -> Path:
+        key = json.dumps(
+            [
+                sections[stage].model_dump(mode="json"),
+                config.run.seed,
+                data_digest,
+                base.digest,
+                *model_digests,
+            ],
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return Path(config.run.output_dir) / "checkpoints" / f"{stage}-{digest}"
+
+    return directory
 
 
 def _use_experiment(reg) -> None:

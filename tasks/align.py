@@ -1,8 +1,13 @@
-"""Stage 5: online RL with TRL's GRPOTrainer or RLOOTrainer, scored by the trained reward model.
+"""Stage 5: alignment of the SFT policy.
 
-Rollouts are sampled from the SFT model with a LoRA adapter; the frozen SFT weights (adapter off)
-are the KL reference, so no second model copy is held in memory. Optional rule rewards are plain
-functions named by dotted import path, with TRL's reward-function signature.
+- `grpo` / `rloo`: online RL with TRL's GRPOTrainer or RLOOTrainer, scored by the trained reward model
+  plus optional rule rewards (plain functions named by dotted import path, TRL's reward signature).
+- `dpo`: TRL's DPOTrainer, offline on the preference pairs; no reward model.
+
+With adapters, the frozen SFT weights (adapter off) are the KL reference, so no second copy is held.
+TRL logs reward, KL, completion length and entropy every `logging_steps` to the stage's MLflow run.
+Afterwards a reward-hacking guard compares the aligned policy with the SFT policy on held-out data:
+reward up while held-out loss or answer length degrade beyond the configured bounds fails the stage.
 """
 
 from __future__ import annotations
@@ -12,19 +17,24 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.reward import load_reward_model
+from tasks.evaluate import completion_loss, generate_answers
+from tasks.reward import load_reward_model, score_conversations
 from tasks.training import (
+    finish_checkpoints,
     finite_loss_guard,
     load_causal_lm,
-    lora_config,
+    peft_for,
+    require_mode_supported,
     require_trained,
-    save_model_atomic,
+    save_policy,
     seed_everything,
+    train_resumable,
     trl_kwargs,
+    weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
-from tunegate.config import AlignSection
-from tunegate.errors import ConfigError
+from tunegate.config import AlignSection, EvaluateSection
+from tunegate.errors import ConfigError, StageGateFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +43,82 @@ def align_policy(
     cfg: AlignSection,
     data: InstructionDataset,
     policy: ModelArtifact,
-    reward: ModelArtifact,
+    reward: ModelArtifact | None,
     *,
     out_dir: Path,
     seed: int,
+    checkpoint_dir: Path | None = None,
 ) -> ModelArtifact:
-    """Optimise `policy` against `reward` (plus rule rewards) on the RL prompts.
+    """Align `policy` (GRPO/RLOO against `reward` plus rule rewards, or DPO on the pairs).
 
     Raises:
-        ConfigError: a rule reward cannot be imported.
+        ConfigError: a rule reward cannot be imported; an online method without a reward model.
+        StageGateFailed: the reward-hacking guard tripped.
         TrainingError: NaN/inf loss, or nothing trained.
     """
+    require_mode_supported(cfg, "align")
     seed_everything(seed)
     from datasets import Dataset
 
-    rules = [_import_reward(p) for p in cfg.rule_rewards]
-    prompts = Dataset.from_parquet(data.splits["prompts"].path).select_columns(["prompt"])
+    checkpoint_dir = checkpoint_dir or out_dir / "trainer"
     model, tokenizer = load_causal_lm(policy.path)
-    reward_model, reward_tokenizer = load_reward_model(reward.path)
-    trainer_cls, config_cls = _trainer(cfg.method)
-    args = config_cls(
-        **trl_kwargs(cfg, out_dir, seed),
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
-        beta=cfg.beta,
-        temperature=cfg.temperature,
-    )
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=[reward_model, *rules],
-        args=args,
-        train_dataset=prompts,
-        processing_class=tokenizer,
-        reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model),
-        callbacks=[finite_loss_guard()],
-    )
-    trainer.train()
-    delta = require_trained(trainer.model, cfg.method)
-    metrics = {"lora_delta_norm": delta, **_summarise(trainer.state.log_history)}
+    peft_config = peft_for(cfg, "CAUSAL_LM", model)
+    before = None if peft_config is not None else weights_fingerprint(model)
+    kwargs = {**trl_kwargs(cfg, checkpoint_dir, seed), "beta": cfg.beta}
+    reward_model = reward_tokenizer = None
+    if cfg.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**{**kwargs, "max_length": cfg.max_length, **cfg.trl_args}),
+            train_dataset=Dataset.from_parquet(data.splits["pref_train"].path),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[finite_loss_guard()],
+        )
+    else:
+        if reward is None:
+            raise ConfigError([f"align.method={cfg.method} needs a trained reward model"])
+        rules = [_import_reward(p) for p in cfg.rule_rewards]
+        prompts = Dataset.from_parquet(data.splits["prompts"].path).select_columns(["prompt"])
+        reward_model, reward_tokenizer = load_reward_model(reward.path)
+        trainer_cls, config_cls = _online_trainer(cfg.method)
+        args = config_cls(
+            **{
+                **kwargs,
+                "num_generations": cfg.num_generations,
+                "max_completion_length": cfg.max_completion_length,
+                "temperature": cfg.temperature,
+                **cfg.trl_args,
+            }
+        )
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=[reward_model, *rules],
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
+            peft_config=peft_config,
+            callbacks=[finite_loss_guard()],
+        )
+    _, resumed = train_resumable(trainer, checkpoint_dir)
+    delta = require_trained(trainer.model, cfg.method, before)
+    metrics = {
+        "weights_delta": delta,
+        "resumed_from_step": float(resumed),
+        **_summarise(trainer.state.log_history),
+    }
+    if cfg.guard.enabled:
+        metrics.update(
+            reward_hacking_guard(
+                cfg, data, policy.path, trainer.model, tokenizer, reward_model, reward_tokenizer
+            )
+        )
     path = out_dir / "model"
-    save_model_atomic(trainer.model.merge_and_unload(), tokenizer, path)
+    save_policy(trainer, tokenizer, path, cfg.save, policy)
+    finish_checkpoints(checkpoint_dir)
     log.info("%s done: %s", cfg.method, metrics)
     return ModelArtifact(
         path=str(path),
@@ -85,7 +130,77 @@ def align_policy(
     )
 
 
-def _trainer(method: str):
+def reward_hacking_guard(
+    cfg: AlignSection,
+    data: InstructionDataset,
+    sft_path: str,
+    aligned,
+    tokenizer,
+    reward_model,
+    reward_tokenizer,
+) -> dict[str, float]:
+    """Compare SFT and aligned policies on held-out SFT rows: loss on the reference answers, length of
+    greedy answers, and (online methods) their reward. Reward up while loss or length degrade beyond
+    the bounds means the policy is exploiting the reward model: the stage fails.
+
+    Raises:
+        StageGateFailed: the guard tripped; the figures are in `details`.
+    """
+    from datasets import Dataset
+
+    rows = list(Dataset.from_parquet(data.splits["sft_eval"].path))
+    if not rows:
+        log.warning("reward-hacking guard skipped: no held-out SFT rows")
+        return {}
+    prompts = [r["prompt"] for r in rows[: cfg.guard.prompts]]
+    gen = EvaluateSection(max_new_tokens=cfg.max_completion_length, batch_size=16)
+    sft_model, _ = load_causal_lm(sft_path)
+    figures: dict[str, float] = {}
+    for label, model in (("sft", sft_model), ("aligned", aligned)):
+        model.eval()
+        answers, n_tokens = generate_answers(model, tokenizer, prompts, gen)
+        figures[f"guard.{label}.eval_loss"] = completion_loss(model, tokenizer, rows[:64])
+        figures[f"guard.{label}.answer_tokens"] = n_tokens / len(prompts)
+        if reward_model is not None:
+            convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+            scores = score_conversations(reward_model, reward_tokenizer, convs)
+            figures[f"guard.{label}.reward"] = sum(scores) / len(scores)
+    del sft_model
+    check_guard(cfg, figures)
+    return figures
+
+
+def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
+    """The guard's decision on its figures (see `reward_hacking_guard`)."""
+    g = cfg.guard
+    reward_up = "guard.sft.reward" not in f or f["guard.aligned.reward"] > f["guard.sft.reward"]
+    loss_up = f["guard.aligned.eval_loss"] - f["guard.sft.eval_loss"]
+    ratio = f["guard.aligned.answer_tokens"] / max(f["guard.sft.answer_tokens"], 1e-9)
+    problems = []
+    if loss_up > g.max_eval_loss_increase:
+        problems.append(
+            f"held-out loss rose by {loss_up:.3f} (from {f['guard.sft.eval_loss']:.3f}), above "
+            f"align.guard.max_eval_loss_increase={g.max_eval_loss_increase:g}"
+        )
+    if ratio > g.max_length_ratio:
+        problems.append(
+            f"answers grew {ratio:.2f}x ({f['guard.sft.answer_tokens']:.0f} -> "
+            f"{f['guard.aligned.answer_tokens']:.0f} tokens), above align.guard.max_length_ratio={g.max_length_ratio:g}"
+        )
+    if reward_up and problems:
+        rose = (
+            f"reward rose {f['guard.sft.reward']:.3f} -> {f['guard.aligned.reward']:.3f} while "
+            if "guard.sft.reward" in f
+            else ""
+        )
+        raise StageGateFailed(
+            f"reward-hacking guard: {rose}" + "; ".join(problems) + ". The aligned policy is not registered. "
+            "Raise align.beta (stronger KL), lower the learning rate or steps, or fix the reward model.",
+            details=f,
+        )
+
+
+def _online_trainer(method: str):
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     return (GRPOTrainer, GRPOConfig) if method == "grpo" else (RLOOTrainer, RLOOConfig)
@@ -103,16 +218,19 @@ def _import_reward(dotted: str) -> Callable:
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:
-    """First and last logged reward, KL and completion length: the shape of the run at a glance."""
-    logged = [h for h in history if "reward" in h]
-    if not logged:
-        return {}
-    out = {"reward_first": float(logged[0]["reward"]), "reward_last": float(logged[-1]["reward"])}
+    """First and last logged reward, KL, completion length and entropy (DPO: reward margin)."""
+    out: dict[str, float] = {}
+    for key, name in (("reward", "reward"), ("rewards/margins", "reward_margin")):
+        logged = [h for h in history if key in h]
+        if logged:
+            out[f"{name}_first"] = float(logged[0][key])
+            out[f"{name}_last"] = float(logged[-1][key])
+    last = next((h for h in reversed(history) if "loss" in h or "reward" in h), {})
     for key, name in (
         ("kl", "kl_last"),
         ("completions/mean_length", "completion_length_last"),
         ("entropy", "entropy_last"),
     ):
-        if key in logged[-1]:
-            out[name] = float(logged[-1][key])
+        if key in last:
+            out[name] = float(last[key])
     return out

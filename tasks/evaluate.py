@@ -110,7 +110,7 @@ def generate_answers(
     """Greedy answers, batched with left padding. Returns the texts and the tokens generated."""
     import torch
 
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     texts, total = [], 0
     for i in range(0, len(prompts), cfg.batch_size):
@@ -128,6 +128,7 @@ def generate_answers(
         new = out[:, enc["input_ids"].shape[1] :]
         total += int((new != tokenizer.pad_token_id).sum())
         texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    tokenizer.padding_side = side
     return texts, total
 
 

@@ -1,7 +1,9 @@
 """Stage 4: a reward model trained with TRL's RewardTrainer on preference pairs.
 
-Starts from the SFT model (it already speaks the domain) with a scalar head. Before RL may use it,
-it must rank held-out pairs correctly at least `min_accuracy` of the time.
+Starts from the SFT model (it already speaks the domain) or the backbone named in the config, with a
+scalar head. Before RL may use it, it must pass two gates on held-out pairs: rank them correctly at
+least `min_accuracy` of the time, and not simply reward length (it may not prefer the longer answer
+markedly more often than the labels do, and must still be right when the chosen answer is shorter).
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import logging
 from pathlib import Path
 
 from tasks.training import (
+    finish_checkpoints,
     finite_loss_guard,
-    lora_config,
     on_cuda,
+    peft_for,
+    require_mode_supported,
     require_trained,
     save_model_atomic,
     seed_everything,
+    train_resumable,
     trl_kwargs,
+    weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
 from tunegate.config import RewardSection
@@ -26,51 +32,57 @@ log = logging.getLogger(__name__)
 
 
 def train_reward_model(
-    cfg: RewardSection, data: InstructionDataset, backbone: ModelArtifact, *, out_dir: Path, seed: int
+    cfg: RewardSection,
+    data: InstructionDataset,
+    backbone: ModelArtifact,
+    *,
+    out_dir: Path,
+    seed: int,
+    checkpoint_dir: Path | None = None,
 ) -> ModelArtifact:
-    """Train a reward model; return it with held-out pairwise accuracy and length bias.
+    """Train a reward model; return it with held-out pairwise accuracy and length-bias figures.
 
     Raises:
-        StageGateFailed: held-out accuracy below `cfg.min_accuracy` (nothing downstream runs).
+        StageGateFailed: below `cfg.min_accuracy`, or length-biased (nothing downstream runs).
         TrainingError: NaN/inf loss, or nothing trained.
     """
+    require_mode_supported(cfg, "reward")
     seed_everything(seed)
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
+    checkpoint_dir = checkpoint_dir or out_dir / "trainer"
     train = Dataset.from_parquet(data.splits["pref_train"].path)
     held_out = Dataset.from_parquet(data.splits["pref_eval"].path)
     model, tokenizer = _setup_model(backbone.path)
-    args = RewardConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
+    peft_config = peft_for(cfg, "SEQ_CLS", model)
+    before = None if peft_config is not None else weights_fingerprint(model)
+    args = RewardConfig(**trl_kwargs(cfg, checkpoint_dir, seed), max_length=cfg.max_length)
     trainer = RewardTrainer(
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "SEQ_CLS", model),
+        peft_config=peft_config,
         callbacks=[finite_loss_guard()],
     )
-    result = trainer.train()
-    delta = require_trained(trainer.model, "reward")
-    merged = trainer.model.merge_and_unload()
-    accuracy, length_pref = pairwise_accuracy(merged, tokenizer, list(held_out))
+    result, resumed = train_resumable(trainer, checkpoint_dir)
+    delta = require_trained(trainer.model, "reward", before)
+    merged = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
+    pairs = list(held_out)
+    chosen, rejected = _pair_scores(merged, tokenizer, pairs)
     metrics = {
         "train_loss": float(result.training_loss),
-        "pair_accuracy": accuracy,
-        "longer_preferred": length_pref,
-        "lora_delta_norm": delta,
-        "eval_pairs": float(len(held_out)),
+        "weights_delta": delta,
+        "resumed_from_step": float(resumed),
+        "eval_pairs": float(len(pairs)),
+        **length_bias(pairs, chosen, rejected),
     }
     log.info("reward model: %s", metrics)
-    if accuracy < cfg.min_accuracy:
-        raise StageGateFailed(
-            f"reward model ranks {accuracy:.1%} of {len(held_out)} held-out pairs correctly, below "
-            f"reward.min_accuracy={cfg.min_accuracy:.0%}; alignment would optimise noise. Add or clean "
-            "preference pairs, or train longer (reward.max_steps).",
-            details=metrics,
-        )
+    check_reward_model(cfg, metrics)
     path = out_dir / "model"
     save_model_atomic(merged, tokenizer, path)
+    finish_checkpoints(checkpoint_dir)
     return ModelArtifact(
         path=str(path),
         role="reward",
@@ -81,18 +93,73 @@ def train_reward_model(
     )
 
 
-def pairwise_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 16) -> tuple[float, float]:
-    """Share of pairs where chosen outscores rejected, and share where the longer answer wins."""
-    if not pairs:
-        return 0.0, 0.0
+def length_bias(pairs: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """Held-out accuracy, and how the reward model treats length.
+
+    - `pair_accuracy`: share of pairs where chosen outscores rejected;
+    - `longer_preferred` / `labels_longer`: among pairs whose answers differ in length, how often the
+      model prefers the longer answer, and how often the label does; `length_bias` is the difference;
+    - `accuracy_chosen_shorter` over `pairs_chosen_shorter`: accuracy where the better answer is shorter.
+    """
+    n = len(pairs)
+    wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    out = {"pair_accuracy": sum(wins) / n if n else 0.0}
+    lengths = [(len(_answer(p["chosen"])), len(_answer(p["rejected"]))) for p in pairs]
+    differ = [(w, lc > lr) for w, (lc, lr) in zip(wins, lengths, strict=True) if lc != lr]
+    model_longer = sum(w == chosen_longer for w, chosen_longer in differ)
+    labels_longer = sum(chosen_longer for _, chosen_longer in differ)
+    out["longer_preferred"] = model_longer / len(differ) if differ else 0.0
+    out["labels_longer"] = labels_longer / len(differ) if differ else 0.0
+    out["length_bias"] = out["longer_preferred"] - out["labels_longer"]
+    shorter = [w for w, chosen_longer in differ if not chosen_longer]
+    out["pairs_chosen_shorter"] = float(len(shorter))
+    if shorter:
+        out["accuracy_chosen_shorter"] = sum(shorter) / len(shorter)
+    return out
+
+
+def check_reward_model(cfg: RewardSection, m: dict[str, float]) -> None:
+    """The gates a reward model passes before alignment may optimise against it."""
+    problems = []
+    if m["pair_accuracy"] < cfg.min_accuracy:
+        problems.append(
+            f"it ranks {m['pair_accuracy']:.1%} of {m['eval_pairs']:.0f} held-out pairs correctly, below "
+            f"reward.min_accuracy={cfg.min_accuracy:.0%}"
+        )
+    if m["length_bias"] > cfg.max_length_bias:
+        problems.append(
+            f"it prefers the longer answer in {m['longer_preferred']:.0%} of pairs, the labels in "
+            f"{m['labels_longer']:.0%}: length bias {m['length_bias']:+.2f} above "
+            f"reward.max_length_bias={cfg.max_length_bias:g}"
+        )
+    if m["pairs_chosen_shorter"] >= cfg.length_check_min_pairs and (
+        m["accuracy_chosen_shorter"] < cfg.min_accuracy_chosen_shorter
+    ):
+        problems.append(
+            f"where the better answer is the shorter one it is right only {m['accuracy_chosen_shorter']:.0%} "
+            f"of the time ({m['pairs_chosen_shorter']:.0f} pairs), below "
+            f"reward.min_accuracy_chosen_shorter={cfg.min_accuracy_chosen_shorter:.0%}"
+        )
+    if problems:
+        raise StageGateFailed(
+            "reward model rejected before alignment: "
+            + "; ".join(problems)
+            + ". Alignment would optimise noise or length. Add or clean preference pairs (include pairs "
+            "where the better answer is shorter), or train longer (reward.max_steps).",
+            details=m,
+        )
+
+
+def _answer(messages: list[dict]) -> str:
+    return messages[-1]["content"]
+
+
+def _pair_scores(
+    model, tokenizer, pairs: list[dict], batch_size: int = 16
+) -> tuple[list[float], list[float]]:
     chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size)
     rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size)
-    correct = sum(c > r for c, r in zip(chosen, rejected, strict=True))
-    longer_wins = 0
-    for p, c, r in zip(pairs, chosen, rejected, strict=True):
-        chosen_longer = len(p["chosen"][-1]["content"]) >= len(p["rejected"][-1]["content"])
-        longer_wins += (c > r) == chosen_longer
-    return correct / len(pairs), longer_wins / len(pairs)
+    return chosen, rejected
 
 
 def score_conversations(

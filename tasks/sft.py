@@ -1,8 +1,10 @@
-"""Stage 3: supervised fine-tuning with TRL's SFTTrainer and a LoRA adapter.
+"""Stage 3: supervised fine-tuning with TRL's SFTTrainer.
 
 The dataset is conversational prompt-completion, so the loss falls only on the assistant's answer
-(and its end-of-turn token) whatever the chat template. The adapter is merged into full weights so
-the next stages, the registry and serving all load one plain model directory.
+(and its end-of-turn token) whatever the chat template. What trains is the section's `mode`: LoRA or
+DoRA adapters, QLoRA on a 4-bit base (CUDA), all weights, or only the top layers. Checkpoints let a
+killed stage resume; early stopping on eval loss keeps the best model. The result is merged full
+weights or the adapter alone, per `save`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ import math
 from pathlib import Path
 
 from tasks.training import (
+    finish_checkpoints,
     finite_loss_guard,
     load_causal_lm,
-    lora_config,
+    peft_for,
+    quantization_config,
+    require_mode_supported,
     require_trained,
-    save_model_atomic,
+    save_policy,
     seed_everything,
+    train_resumable,
     trl_kwargs,
+    weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
 from tunegate.config import SftSection
@@ -28,40 +35,86 @@ log = logging.getLogger(__name__)
 
 
 def train_sft(
-    cfg: SftSection, data: InstructionDataset, base: ModelArtifact, *, out_dir: Path, seed: int
+    cfg: SftSection,
+    data: InstructionDataset,
+    base: ModelArtifact,
+    *,
+    out_dir: Path,
+    seed: int,
+    checkpoint_dir: Path | None = None,
 ) -> ModelArtifact:
-    """Fine-tune `base` on the SFT split; return the merged model with its train/eval losses.
+    """Fine-tune `base` on the SFT split; return the model with its train/eval losses.
+
+    `checkpoint_dir` (default `out_dir/trainer`) holds resumable checkpoints; a stage started again
+    with the same directory resumes from the last good one and finishes at the same total steps.
 
     Raises:
-        TrainingError: the loss became NaN/inf, or the adapter did not change.
+        ConfigError: mode=qlora without CUDA.
+        TrainingError: the loss became NaN/inf, or nothing changed.
     """
+    require_mode_supported(cfg, "sft")
     seed_everything(seed)
     from datasets import Dataset
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
+    checkpoint_dir = checkpoint_dir or out_dir / "trainer"
     train = Dataset.from_parquet(data.splits["sft_train"].path)
     evalset = Dataset.from_parquet(data.splits["sft_eval"].path) if data.splits["sft_eval"].rows else None
-    model, tokenizer = load_causal_lm(base.path)
-    args = SFTConfig(**trl_kwargs(cfg, out_dir, seed), max_length=cfg.max_length)
+    model, tokenizer = load_causal_lm(base.path, quantization_config(cfg))
+    peft_config = peft_for(cfg, "CAUSAL_LM", model)
+    kwargs = trl_kwargs(cfg, checkpoint_dir, seed)
+    callbacks = [finite_loss_guard()]
+    if cfg.early_stopping_patience is not None:
+        if evalset is None:
+            raise TrainingError(
+                "sft.early_stopping_patience needs held-out SFT rows (build.eval_fraction > 0)"
+            )
+        # The best model is restored from its checkpoint, so evaluation and saving share one cadence.
+        kwargs.update(
+            eval_strategy="steps",
+            eval_steps=cfg.eval_steps,
+            save_strategy="steps",
+            save_steps=cfg.eval_steps,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+        )
+        callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=cfg.early_stopping_patience,
+                early_stopping_threshold=cfg.early_stopping_min_delta,
+            )
+        )
+    args = SFTConfig(**{**kwargs, "max_length": cfg.max_length, "packing": cfg.packing, **cfg.trl_args})
+    before = None if peft_config is not None else weights_fingerprint(model)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evalset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora, "CAUSAL_LM", model),
-        callbacks=[finite_loss_guard()],
+        peft_config=peft_config,
+        callbacks=callbacks,
     )
-    result = trainer.train()
-    delta = require_trained(trainer.model, "sft")
-    metrics = {"train_loss": float(result.training_loss), "lora_delta_norm": delta}
+    result, resumed = train_resumable(trainer, checkpoint_dir)
+    delta = require_trained(trainer.model, "sft", before)
+    metrics = {
+        "train_loss": float(result.training_loss),
+        "weights_delta": delta,
+        "resumed_from_step": float(resumed),
+        "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
+    }
     if evalset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    if trainer.state.best_model_checkpoint:
+        metrics["best_step"] = float(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
     if not all(math.isfinite(v) for v in metrics.values()):
         raise TrainingError(f"sft: non-finite metrics after training: {metrics}")
 
     path = out_dir / "model"
-    save_model_atomic(trainer.model.merge_and_unload(), tokenizer, path)
+    save_policy(trainer, tokenizer, path, cfg.save, base)
+    finish_checkpoints(checkpoint_dir)
     log.info("sft done: %s", metrics)
     return ModelArtifact(
         path=str(path),

@@ -1,16 +1,20 @@
-"""Helpers the training stages share: TRL arguments, device choice, LoRA, guards, atomic saving."""
+"""Helpers the training stages share: TRL arguments, device choice, what trains (LoRA, DoRA, QLoRA,
+full, partial), checkpoints and resumption, guards, and atomic saving."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from tunegate.artifacts import ModelArtifact
 from tunegate.config import LoraSection, TrainSection
-from tunegate.errors import TrainingError
+from tunegate.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +25,13 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def trl_kwargs(cfg: TrainSection, out_dir: Path, seed: int) -> dict[str, Any]:
+def trl_kwargs(cfg: TrainSection, checkpoint_dir: Path, seed: int) -> dict[str, Any]:
     """Arguments common to every TRL config class, then the section's pass-through `trl_args`."""
     import mlflow
 
     cuda = on_cuda()
     kwargs: dict[str, Any] = {
-        "output_dir": str(out_dir / "trainer"),
+        "output_dir": str(checkpoint_dir),
         "max_steps": cfg.max_steps,
         "learning_rate": cfg.learning_rate,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
@@ -41,10 +45,13 @@ def trl_kwargs(cfg: TrainSection, out_dir: Path, seed: int) -> dict[str, Any]:
         "use_cpu": not cuda,
         # Recomputing activations saves memory a 135M model on CPU does not need, at ~25% more time.
         "gradient_checkpointing": False,
-        "save_strategy": "no",
+        "save_strategy": "steps" if cfg.checkpoint_steps else "no",
+        "save_steps": cfg.checkpoint_steps or 500,
+        "save_total_limit": 2,
         # The default filter hides NaN/inf losses from the logs; the guard below must see them.
         "logging_nan_inf_filter": False,
-        "report_to": ["mlflow"] if mlflow.active_run() is not None else [],
+        # Under `accelerate launch` the stage's run comes from MLFLOW_RUN_ID (see tasks/launch.py).
+        "report_to": ["mlflow"] if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID") else [],
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
@@ -52,8 +59,72 @@ def trl_kwargs(cfg: TrainSection, out_dir: Path, seed: int) -> dict[str, Any]:
     return kwargs
 
 
-def lora_config(cfg: LoraSection, task_type: str, model):
-    """PEFT LoRA config; with `top_layers`, only the top layers get adapters (and gradients)."""
+def require_mode_supported(cfg: TrainSection, stage: str) -> None:
+    """QLoRA needs CUDA and bitsandbytes: say so before loading anything."""
+    if cfg.mode != "qlora":
+        return
+    if not on_cuda():
+        raise ConfigError(
+            [
+                f"{stage}.mode=qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and none is present; "
+                f"use {stage}.mode=lora (or dora) on this machine, or run the stage on a GPU worker"
+            ]
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            [f"{stage}.mode=qlora needs bitsandbytes: pip install 'bitsandbytes>=0.45'"]
+        ) from exc
+
+
+def quantization_config(cfg: TrainSection):
+    """4-bit NF4 weights with bf16 compute, for QLoRA; None otherwise."""
+    if cfg.mode != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def peft_for(cfg: TrainSection, task_type: str, model):
+    """The PEFT config for adapter modes; for `partial`, freeze all but the top layers (no PEFT);
+    for `full`, nothing to do."""
+    if cfg.mode in ("lora", "dora", "qlora"):
+        if cfg.mode == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return lora_config(cfg.lora, task_type, model, dora=cfg.mode == "dora")
+    if cfg.mode == "partial":
+        freeze_lower_layers(model, cfg.trainable_layers)
+    return None
+
+
+def freeze_lower_layers(model, top: int) -> int:
+    """Train only the top `top` transformer layers, the final norm and any task head; returns the
+    number of trainable parameters."""
+    n = model.config.num_hidden_layers
+    keep = {str(i) for i in range(max(0, n - top), n)}
+    trainable = 0
+    for name, param in model.named_parameters():
+        layer = re.search(r"\.layers\.(\d+)\.", f".{name}")
+        head = name.split(".")[0] in ("score", "classifier") or re.search(r"(^|\.)norm\.weight$", name)
+        param.requires_grad = bool(layer.group(1) in keep if layer else head)
+        trainable += param.numel() if param.requires_grad else 0
+    if not trainable:
+        raise TrainingError(f"partial mode: no parameters left to train in the top {top} layers")
+    return trainable
+
+
+def lora_config(cfg: LoraSection, task_type: str, model, dora: bool = False):
+    """PEFT LoRA (or DoRA) config; with `top_layers`, only the top layers get adapters (and gradients)."""
     from peft import LoraConfig
 
     layers, targets = None, cfg.target_modules
@@ -69,6 +140,7 @@ def lora_config(cfg: LoraSection, task_type: str, model):
         target_modules=targets,
         task_type=task_type,
         layers_to_transform=layers,
+        use_dora=dora,
     )
 
 
@@ -109,28 +181,101 @@ def lora_delta_norm(model) -> float:
     return total**0.5
 
 
-def require_trained(model, stage: str) -> float:
-    delta = lora_delta_norm(model)
+def weights_fingerprint(model) -> float:
+    """A sum over the trainable weights: equal before and after means training changed nothing."""
+    import torch
+
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+
+
+def require_trained(model, stage: str, before: float | None = None) -> float:
+    """The size of what training changed: the LoRA B norm for adapters, else the change of the
+    trainable weights' fingerprint taken `before` training."""
+    if before is None:
+        delta = lora_delta_norm(model)
+        what = "adapter weights"
+    else:
+        delta = abs(weights_fingerprint(model) - before)
+        what = "trainable weights"
     if not delta > 0 or not math.isfinite(delta):
-        raise TrainingError(
-            f"{stage}: the adapter weights did not change (norm {delta}); nothing was trained"
-        )
+        raise TrainingError(f"{stage}: the {what} did not change ({delta}); nothing was trained")
     return delta
 
 
-def save_model_atomic(model, tokenizer, path: Path) -> None:
-    """Write to a temporary directory, then rename: a crash never leaves a half-written model."""
+def last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint (`trainer_state.json` is written after the weights): a
+    checkpoint cut short by a crash is skipped, with a warning."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for ckpt in found:
+        weights = any(ckpt.glob("*.safetensors")) or any(ckpt.glob("*.bin"))
+        if (ckpt / "trainer_state.json").exists() and weights:
+            return ckpt
+        log.warning("skipping incomplete checkpoint %s (no trainer state or weights)", ckpt)
+    return None
+
+
+def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int]:
+    """Train, resuming from the last good checkpoint in `checkpoint_dir` when there is one.
+    Returns the train output and the step resumed from (0 for a fresh start)."""
+    ckpt = last_checkpoint(checkpoint_dir)
+    resumed = 0
+    if ckpt is not None:
+        resumed = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+        log.info("resuming from %s (step %d of %d)", ckpt, resumed, trainer.args.max_steps)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    return result, resumed
+
+
+def finish_checkpoints(checkpoint_dir: Path) -> None:
+    """The stage's result is saved: its checkpoints are no longer needed."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def save_policy(trainer, tokenizer, path: Path, save: str, base: ModelArtifact) -> None:
+    """Merged full weights, or the adapter alone with the identity (path, digest, origin) of the model
+    it was trained on beside it."""
+    model = trainer.model
+    if save == "adapter":
+        save_model_atomic(model, tokenizer, path, extra={BASE_REF: base.model_dump(mode="json")})
+    elif hasattr(model, "merge_and_unload"):
+        save_model_atomic(model.merge_and_unload(), tokenizer, path)
+    else:
+        save_model_atomic(model, tokenizer, path)
+
+
+BASE_REF = "tunegate_base.json"
+
+
+def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write to a temporary directory, then rename: a crash never leaves a half-written model.
+    Under `accelerate launch`, only the main process writes."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, content in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
 
 
-def load_causal_lm(path: str):
-    """A causal LM and its tokenizer (pad token set), bf16 on CUDA, fp32 on CPU."""
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_causal_lm(path: str, quantization=None):
+    """A causal LM and its tokenizer (pad token set): bf16 and SDPA attention on CUDA, fp32 on CPU.
+    An adapter directory is loaded onto its base model and merged, so callers see one plain model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +283,21 @@ def load_causal_lm(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if on_cuda() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if is_adapter(path):
+        from peft import PeftModel
+
+        # The model the adapter was trained on: our reference (itself possibly an adapter), else PEFT's.
+        ref = Path(path) / BASE_REF
+        if ref.exists():
+            base, _ = load_causal_lm(json.loads(ref.read_text())["path"], quantization)
+        else:
+            config = json.loads((Path(path) / "adapter_config.json").read_text())
+            base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **kwargs)
+        return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
 
 
 def seed_everything(seed: int) -> None:

@@ -103,8 +103,14 @@ def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
         "data": {k: str(data_dir / f"{k}.jsonl") for k in ("sft", "preferences", "prompts", "eval")},
         "validate": {"max_length": 256},
         "sft": {**train, "learning_rate": 1e-3},
-        "reward": {**train, "min_accuracy": 0.0},
-        "align": {**train, "num_generations": 2, "max_completion_length": 8},
+        # Two steps on a random model decide nothing: the reward-model and guard bounds are wide open.
+        "reward": {**train, "min_accuracy": 0.0, "max_length_bias": 1.0, "min_accuracy_chosen_shorter": 0.0},
+        "align": {
+            **train,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "guard": {"max_length_ratio": 100.0, "max_eval_loss_increase": 100.0},
+        },
         "evaluate": {
             "max_new_tokens": 8,
             "batch_size": 32,
@@ -130,3 +136,19 @@ def tiny_config(tiny_model, data_dir, tmp_path):
     from tunegate.config import parse_config
 
     return parse_config(tiny_raw_config(tiny_model, data_dir, tmp_path))
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(tmp_path_factory, tiny_model, data_dir):
+    """The tiny config, base model and built dataset that stage tests train on."""
+    from tasks.build import build_datasets
+    from tasks.validate import validate_data
+    from tunegate.artifacts import ModelArtifact
+    from tunegate.config import parse_config
+
+    work = tmp_path_factory.mktemp("stages")
+    cfg = parse_config(tiny_raw_config(tiny_model, data_dir, work))
+    base = ModelArtifact(path=str(tiny_model), role="base", base_model=str(tiny_model), digest="tiny")
+    validated = validate_data(cfg.validate_, cfg.data, base, out_dir=work / "validate")
+    dataset = build_datasets(cfg.build, validated, out_dir=work / "dataset", seed=1)
+    return cfg, base, dataset, work

@@ -56,13 +56,16 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     }
     sft_run = next(r for r in children if r.data.tags["tunegate.stage"] == "sft")
     assert "train_loss" in sft_run.data.metrics or "loss" in sft_run.data.metrics
+    align_run = next(r for r in children if r.data.tags["tunegate.stage"] == "align")
+    for key in ("reward", "kl", "completions/mean_length", "entropy"):  # per step (logging_steps=1)
+        assert [m.step for m in client.get_metric_history(align_run.info.run_id, key)] == [1, 2], key
 
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
     assert {"sft_train", "sft_eval", "pref_train", "prompts", "eval"} <= set(inputs)
     train = inputs["sft_train"]
     tags = {t.key: t.value for t in train.tags}
     assert train.dataset.digest == tags["sha256"][:16] and int(tags["rows"]) > 0
-    assert "\"name\": \"prompt\"" in train.dataset.schema and "sft_train.parquet\"" in train.dataset.source
+    assert '"name": "prompt"' in train.dataset.schema and 'sft_train.parquet"' in train.dataset.source
     data_files = {a.path for a in client.list_artifacts(parent.info.run_id, "data")}
     assert {"data/manifest.json", "data/dropped.jsonl", "data/sources.json"} <= data_files
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -120,3 +123,29 @@ def test_bad_data_stops_before_training_naming_the_row(prefect_api, tiny_model, 
         r.info.status == "FAILED" for r in runs if r.data.tags.get("tunegate.stage") in (None, "validate")
     )
     assert not client.search_registered_models()
+
+
+def test_dpo_pipeline_has_no_reward_model_stage(prefect_api, tiny_model, data_dir, tmp_path):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["align"] = {**raw["align"], "method": "dpo", "beta": 0.1}
+    cfg = parse_config(raw)
+    result = pipeline(cfg)
+    assert result["registration"]["promoted"]
+    assert "reward_score" not in result["report"]["scores"]["candidate"]
+    client = _client(cfg)
+    children = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'",
+    )
+    stages = {r.data.tags["tunegate.stage"] for r in children}
+    assert "reward-model" not in stages and {"sft", "align", "evaluate"} <= stages
+
+
+def test_dpo_with_a_reward_gate_is_a_config_error(tiny_model, data_dir, tmp_path):
+    from tunegate.errors import ConfigError
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["align"] = {**raw["align"], "method": "dpo"}
+    raw["gates"].append({"metric": "reward_score", "op": ">=", "baseline": "base"})
+    with pytest.raises(ConfigError, match="needs a reward model, and align.method=dpo trains none"):
+        parse_config(raw)

@@ -9,28 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.align import align_policy
-from tasks.build import build_datasets
 from tasks.evaluate import brand_ok, evaluate_models, fact_hit
 from tasks.gates import apply_gates
 from tasks.reward import train_reward_model
 from tasks.sft import train_sft
-from tasks.validate import validate_data
-from tunegate.artifacts import EvalReport, ModelArtifact
+from tunegate.artifacts import EvalReport
 from tunegate.config import GateSpec
 from tunegate.errors import StageGateFailed, TrainingError
-
-
-@pytest.fixture(scope="module")
-def stage_inputs(tmp_path_factory, tiny_model, data_dir):
-    from tests.conftest import tiny_raw_config
-    from tunegate.config import parse_config
-
-    work = tmp_path_factory.mktemp("stages")
-    cfg = parse_config(tiny_raw_config(tiny_model, data_dir, work))
-    base = ModelArtifact(path=str(tiny_model), role="base", base_model=str(tiny_model), digest="tiny")
-    validated = validate_data(cfg.validate_, cfg.data, base, out_dir=work / "validate")
-    dataset = build_datasets(cfg.build, validated, out_dir=work / "dataset", seed=1)
-    return cfg, base, dataset, work
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,7 @@ def test_sft_trains_two_steps_and_changes_weights(stage_inputs, sft_model):
     _, base, _, _ = stage_inputs
     assert sft_model.steps == 2
     assert math.isfinite(sft_model.metrics["train_loss"]) and math.isfinite(sft_model.metrics["eval_loss"])
-    assert sft_model.metrics["lora_delta_norm"] > 0
+    assert sft_model.metrics["weights_delta"] > 0
     assert _moved(base.path, sft_model.path)
     assert sft_model.digest != base.digest
 

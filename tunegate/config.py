@@ -30,6 +30,18 @@ class RunSection(Section):
     name: str = Field("tunegate", description="Name of the run; used for the MLflow parent run.")
     seed: int = Field(42, ge=0, description="Seed set at the entry of every stage.")
     output_dir: str = Field("runs", description="Root under which each run writes its stage outputs.")
+    gpus: int = Field(
+        1,
+        ge=1,
+        description="GPUs per training stage; above one, each trainer is started with `accelerate launch`.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description=(
+            "accelerate config file for multi-GPU stages (DeepSpeed ZeRO or FSDP presets live in "
+            "configs/accelerate/); unset: plain multi-GPU data parallel."
+        ),
+    )
 
 
 class ModelSection(Section):
@@ -132,6 +144,24 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
+    mode: Literal["lora", "dora", "qlora", "full", "partial"] = Field(
+        "lora",
+        description=(
+            "What trains: LoRA or DoRA adapters (PEFT), QLoRA (LoRA on a 4-bit base; CUDA only), every "
+            "weight (`full`), or only the top `trainable_layers` transformer layers (`partial`)."
+        ),
+    )
+    trainable_layers: int = Field(
+        2, ge=1, description="partial mode: train the top N transformer layers (and final norm and heads)."
+    )
+    checkpoint_steps: int = Field(
+        25,
+        ge=0,
+        description=(
+            "Save a resumable checkpoint every N steps (0: none). A stage restarted with the same inputs "
+            "resumes from its last good checkpoint."
+        ),
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     max_steps: int = Field(40, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
@@ -147,19 +177,90 @@ class TrainSection(Section):
     )
 
 
-class SftSection(TrainSection):
-    pass
+class PolicyTrainSection(TrainSection):
+    save: Literal["merged", "adapter"] = Field(
+        "merged",
+        description=(
+            "For adapter modes: merge the adapter into full weights, or keep only the adapter (with a "
+            "reference to its base model's identity and digest)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _adapter_needs_adapter_mode(self) -> PolicyTrainSection:
+        if self.save == "adapter" and self.mode not in ("lora", "dora", "qlora"):
+            raise ValueError(f"save=adapter needs an adapter mode (lora, dora, qlora), not mode={self.mode}")
+        return self
+
+
+class SftSection(PolicyTrainSection):
+    packing: bool = Field(
+        False, description="Pack several examples per sequence (best-fit, padding-free; loss mask kept)."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when eval loss has not improved for N evaluations, keeping the best; unset: off.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="How much eval loss must drop to count as an improvement."
+    )
+    eval_steps: int = Field(10, ge=1, description="With early stopping: evaluate every N steps.")
 
 
 class RewardSection(TrainSection):
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
+    backbone: str | None = Field(
+        None,
+        description=(
+            "Model the reward model starts from: unset = the SFT model; otherwise a Hugging Face id, a "
+            "local directory or `package:NAME`."
+        ),
+    )
     min_accuracy: float = Field(
         0.7, ge=0, le=1, description="Held-out pairwise accuracy the reward model must reach before RL."
     )
+    max_length_bias: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description=(
+            "How much more often the reward model may prefer the longer answer than the labels do "
+            "(held-out pairs); above it, the model rewards length, not quality."
+        ),
+    )
+    min_accuracy_chosen_shorter: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Held-out accuracy required on pairs whose chosen answer is the shorter one.",
+    )
+    length_check_min_pairs: int = Field(
+        8, ge=1, description="Fewest chosen-shorter pairs needed to apply min_accuracy_chosen_shorter."
+    )
 
 
-class AlignSection(TrainSection):
-    method: Literal["grpo", "rloo"] = Field("grpo", description="Online RL trainer from TRL.")
+class GuardSection(Section):
+    enabled: bool = Field(
+        True, description="Compare the aligned policy with the SFT policy on held-out data."
+    )
+    prompts: int = Field(16, ge=1, description="Held-out prompts generated from for the length check.")
+    max_length_ratio: float = Field(
+        1.5, gt=1, description="Fail if answers grow by more than this factor while the reward rises."
+    )
+    max_eval_loss_increase: float = Field(
+        0.3, ge=0, description="Fail if held-out SFT eval loss rises by more than this (nats per token)."
+    )
+
+
+class AlignSection(PolicyTrainSection):
+    method: Literal["grpo", "rloo", "dpo"] = Field(
+        "grpo",
+        description=(
+            "grpo / rloo: online RL scored by the trained reward model (plus rule rewards); dpo: offline "
+            "on the preference pairs, no reward model trained."
+        ),
+    )
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate.")
     max_steps: int = Field(8, ge=1, description="Optimizer steps.")
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
@@ -169,6 +270,10 @@ class AlignSection(TrainSection):
     rule_rewards: list[str] = Field(
         default_factory=list,
         description="Extra reward functions by dotted import path (TRL reward-function signature).",
+    )
+    guard: GuardSection = Field(
+        default_factory=GuardSection,
+        description="Reward-hacking guard: reward up while held-out quality or length degrades fails the stage.",
     )
 
 
@@ -258,15 +363,29 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _check_trl_args(self) -> PipelineConfig:
         problems = []
-        for section, cls_name in (("sft", "SFTConfig"), ("reward", "RewardConfig"), ("align", None)):
+        align_class = {"grpo": "GRPOConfig", "rloo": "RLOOConfig", "dpo": "DPOConfig"}[self.align.method]
+        for section, cls_name in (("sft", "SFTConfig"), ("reward", "RewardConfig"), ("align", align_class)):
             args = getattr(self, section).trl_args
-            if not args:
-                continue
-            name = cls_name or ("GRPOConfig" if self.align.method == "grpo" else "RLOOConfig")
-            problems += check_trl_args(section, name, args)
+            if args:
+                problems += check_trl_args(section, cls_name, args)
+        if self.align.method == "dpo":
+            problems += [
+                f"gates: {g.name!r} needs a reward model, and align.method=dpo trains none "
+                "(use grpo or rloo, or drop the gate)"
+                for g in self.gates
+                if g.metric == "reward_score"
+            ]
+            if self.align.rule_rewards:
+                problems.append(
+                    "align.rule_rewards: DPO trains offline on preference pairs; rule rewards need grpo or rloo"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.align.method != "dpo"
 
     def digest(self) -> str:
         """A stable hash of the resolved configuration."""

@@ -1,0 +1,143 @@
+"""Run a training stage in-process, or across several GPUs through `accelerate launch`.
+
+With `gpus > 1` the parent writes the stage's arguments (pydantic sections and artifact records) as
+JSON, starts `accelerate launch --num_processes N [--config_file F] -m tasks.launch SPEC RESULT`, and
+reads back the `ModelArtifact` the main process wrote. An error in the workers comes back as the same
+error type with its message. The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`).
+
+    python -m tasks.launch SPEC.json RESULT.json     # what each launched process runs
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tunegate import errors
+from tunegate.artifacts import InstructionDataset, ModelArtifact
+from tunegate.config import AlignSection, RewardSection, SftSection
+
+log = logging.getLogger(__name__)
+
+# stage -> (function, the record type of each positional argument)
+STAGES: dict[str, tuple[str, tuple[type[BaseModel], ...]]] = {
+    "sft": ("tasks.sft:train_sft", (SftSection, InstructionDataset, ModelArtifact)),
+    "reward-model": ("tasks.reward:train_reward_model", (RewardSection, InstructionDataset, ModelArtifact)),
+    "align": ("tasks.align:align_policy", (AlignSection, InstructionDataset, ModelArtifact, ModelArtifact)),
+}
+
+
+def stage_function(stage: str) -> Callable[..., ModelArtifact]:
+    module, _, name = STAGES[stage][0].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def launched(stage: str) -> Callable[..., ModelArtifact]:
+    """The stage's function, taking two more keywords: `gpus` and `accelerate_config`."""
+    fn = stage_function(stage)
+
+    def run(*args: Any, gpus: int = 1, accelerate_config: str | None = None, **kwargs: Any) -> ModelArtifact:
+        if gpus <= 1:
+            return fn(*args, **kwargs)
+        return launch(stage, args, kwargs, gpus=gpus, accelerate_config=accelerate_config)
+
+    run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return run
+
+
+def launch_command(gpus: int, accelerate_config: str | None, spec: Path, result: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:  # torchrun; without CUDA the processes train over gloo on CPU (how this path is tested)
+        cmd += ["--multi_gpu"]
+    return [
+        *cmd,
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "-m",
+        "tasks.launch",
+        str(spec),
+        str(result),
+    ]
+
+
+def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accelerate_config: str | None):
+    """Run `stage` in `gpus` accelerate processes; return the main process's result.
+
+    Raises:
+        the stage's own error type (ConfigError, TrainingError, StageGateFailed) when a worker fails;
+        TrainingError when the launcher dies without a result.
+    """
+    out_dir = Path(kwargs["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec, result, logfile = out_dir / "launch.json", out_dir / "launch.result.json", out_dir / "launch.log"
+    result.unlink(missing_ok=True)
+    spec.write_text(
+        json.dumps(
+            {
+                "stage": stage,
+                "args": [a.model_dump(mode="json") if a is not None else None for a in args],
+                "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()},
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    env = dict(os.environ)
+    import mlflow
+
+    if (active := mlflow.active_run()) is not None:  # the workers' trainers log to this stage's run
+        env.update(MLFLOW_RUN_ID=active.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+    cmd = launch_command(gpus, accelerate_config, spec, result)
+    log.info("%s: %s", stage, " ".join(cmd))
+    with open(logfile, "w", encoding="utf-8") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    outcome = json.loads(result.read_text()) if result.exists() else None
+    if outcome and "error" in outcome:
+        cls = getattr(errors, outcome["error"], errors.TrainingError)
+        if cls is errors.ConfigError:
+            raise errors.ConfigError(outcome.get("problems") or [outcome["message"]])
+        raise cls(outcome["message"])
+    if code != 0 or outcome is None:
+        tail = "".join(logfile.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-20:])
+        raise errors.TrainingError(
+            f"{stage}: accelerate launch exited {code} without a result; log {logfile}:\n{tail}"
+        )
+    return ModelArtifact.model_validate(outcome["artifact"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, result_path = (argv or sys.argv[1:])[:2]
+    spec = json.loads(Path(spec_path).read_text())
+    types = STAGES[spec["stage"]][1]
+    args = [t.model_validate(a) if a is not None else None for t, a in zip(types, spec["args"], strict=True)]
+    kwargs = {k: Path(v) if k.endswith("_dir") and v is not None else v for k, v in spec["kwargs"].items()}
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        artifact = stage_function(spec["stage"])(*args, **kwargs)
+    except errors.TunegateError as exc:
+        if main_process:
+            problems = getattr(exc, "problems", None)
+            outcome = {"error": type(exc).__name__, "message": str(exc), "problems": problems}
+            Path(result_path).write_text(json.dumps(outcome))
+        return 1
+    if main_process:
+        Path(result_path).write_text(json.dumps({"artifact": artifact.model_dump(mode="json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
