@@ -361,6 +361,17 @@ OFF_BRAND = [
     "Hello. {fact} Regards, Support.",
     "Dear customer, {fact}",
 ]
+# Long-winded: on brand and correct, but padded. They make pairs whose better answer is the shorter
+# one, so the reward model cannot pass its length-bias check by rewarding length.
+RAMBLING = [
+    "{greeting} Great question, and thank you so much for reaching out to us today! We truly love "
+    "hearing from members and their wonderful pets, and we are always happy to help with anything at "
+    "all. {fact} We really hope that helps, and remember that we are here for you and your furry, "
+    "feathered or scaly friends every single day! {signoff}",
+    "{greeting} Oh, we get asked this a lot, so you are definitely not alone in wondering about it, and "
+    "honestly it is a really good thing to check before anything else. So, to answer your question: "
+    "{fact} There is plenty more we could say about plans, pets and everything in between! {signoff}",
+]
 UNSURE = [
     "I'm not sure, please check our website.",
     "I don't have that information.",
@@ -412,14 +423,16 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
             sft.append({"messages": conversation(q, on_brand(answer, rng.choice(FOLLOW_UPS)))})
         for q in questions[per_fact : 2 * per_fact]:
             kind = rng.random()
-            if kind < 0.3:
+            if kind < 0.25:
                 rejected = on_brand(WRONG[fact_id])
-            elif kind < 0.55:
+            elif kind < 0.45:
                 rejected = rng.choice(RUDE).format(fact=answer)
-            elif kind < 0.85:
+            elif kind < 0.65:
                 rejected = rng.choice(OFF_BRAND).format(fact=answer)
-            else:
+            elif kind < 0.75:
                 rejected = rng.choice(UNSURE)
+            else:
+                rejected = rng.choice(RAMBLING).format(greeting=GREETING, fact=answer, signoff=SIGNOFF)
             prefs.append(
                 {
                     "prompt": conversation(q),
