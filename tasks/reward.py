@@ -18,7 +18,7 @@ from tasks.training import (
     peft_for,
     require_mode_supported,
     require_trained,
-    save_model_atomic,
+    save_policy,
     seed_everything,
     train_resumable,
     trl_kwargs,
@@ -68,9 +68,8 @@ def train_reward_model(
     )
     result, resumed = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, "reward", before)
-    merged = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
     pairs = list(held_out)
-    chosen, rejected = _pair_scores(merged, tokenizer, pairs)
+    chosen, rejected = _pair_scores(trainer.model, tokenizer, pairs)
     metrics = {
         "train_loss": float(result.training_loss),
         "weights_delta": delta,
@@ -81,7 +80,7 @@ def train_reward_model(
     log.info("reward model: %s", metrics)
     check_reward_model(cfg, metrics)
     path = out_dir / "model"
-    save_model_atomic(merged, tokenizer, path)
+    save_policy(trainer, tokenizer, path, "merged", backbone)
     finish_checkpoints(checkpoint_dir)
     return ModelArtifact(
         path=str(path),

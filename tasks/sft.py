@@ -105,6 +105,12 @@ def train_sft(
         "resumed_from_step": float(resumed),
         "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
     }
+    tokens = [
+        h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "eval_loss" not in h
+    ]
+    if tokens:  # as of the last logging step
+        metrics["train_tokens"] = float(tokens[-1])
+        metrics["train_tokens_per_s"] = float(tokens[-1]) / max(float(result.metrics["train_runtime"]), 1e-9)
     if evalset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     if trainer.state.best_model_checkpoint:

@@ -240,14 +240,39 @@ def finish_checkpoints(checkpoint_dir: Path) -> None:
 
 def save_policy(trainer, tokenizer, path: Path, save: str, base: ModelArtifact) -> None:
     """Merged full weights, or the adapter alone with the identity (path, digest, origin) of the model
-    it was trained on beside it."""
-    model = trainer.model
-    if save == "adapter":
-        save_model_atomic(model, tokenizer, path, extra={BASE_REF: base.model_dump(mode="json")})
-    elif hasattr(model, "merge_and_unload"):
-        save_model_atomic(model.merge_and_unload(), tokenizer, path)
+    it was trained on beside it. Written to a temporary directory and renamed.
+
+    Under FSDP or DeepSpeed the weights are sharded across processes: every process calls
+    `trainer.save_model` (it gathers them, and only the main process writes), then the main process
+    merges an adapter if asked and renames."""
+    extra = {BASE_REF: base.model_dump(mode="json")} if save == "adapter" else None
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        model = trainer.model
+        if save == "merged" and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        save_model_atomic(model, tokenizer, path, extra)
+        return
+    tmp = path.with_name(path.name + ".gathered")
+    trainer.save_model(str(tmp))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if save == "merged" and is_adapter(tmp):
+        (tmp / BASE_REF).write_text(json.dumps(base.model_dump(mode="json")), encoding="utf-8")
+        merged, _ = load_causal_lm(str(tmp))
+        save_model_atomic(merged, tokenizer, path)
     else:
-        save_model_atomic(model, tokenizer, path)
+        save_model_atomic(_Saved(tmp), tokenizer, path, extra)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Saved:
+    """A model already written to a directory, for `save_model_atomic`: saving copies the files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def save_pretrained(self, target: Path, **_: Any) -> None:
+        shutil.copytree(self.directory, target, dirs_exist_ok=True)
 
 
 BASE_REF = "tunegate_base.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tunegate.config import PipelineConfig, load_config
 from tunegate.errors import ConfigError
@@ -60,3 +61,21 @@ def test_json_schema_for_the_prefect_form():
     schema = PipelineConfig.model_json_schema(by_alias=True)
     assert "validate" in schema["properties"]
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_preset_resolves(preset):
+    cfg = load_config(ROOT / "configs" / preset)
+    if cfg.run.accelerate_config:
+        launcher = yaml.safe_load((ROOT / cfg.run.accelerate_config).read_text())
+        assert launcher["distributed_type"] in ("FSDP", "DEEPSPEED", "MULTI_GPU")
+        assert cfg.run.gpus > 1
+
+
+def test_gpu_presets_cover_single_and_sharded_multi_gpu():
+    single = load_config(ROOT / "configs/gpu-single.yaml")
+    multi = load_config(ROOT / "configs/gpu-multi-fsdp.yaml")
+    assert single.run.gpus == 1 and single.model.base_model.startswith("Qwen/")
+    assert multi.run.gpus == 4 and multi.sft.mode == "full" and multi.align.method == "dpo"
+    for name in ("fsdp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"):
+        assert yaml.safe_load((ROOT / "configs/accelerate" / name).read_text())["mixed_precision"] == "bf16"

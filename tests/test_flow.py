@@ -88,14 +88,16 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("tiny-assistant", "previous").version) == "1"
 
-    # A failing gate ends the run completed-but-not-promoted, with the champion untouched.
-    strict = parse_config(
-        {
-            **tiny_raw_config(tiny_model, data_dir, tmp_path),
-            "gates": [{"metric": "fact_accuracy", "op": ">=", "threshold": 0.99}],
-        }
-    )
+    # A failing gate ends the run completed-but-not-promoted, with the champion untouched. (This run's
+    # reward model starts from a backbone named in the config, here the base model, not the SFT model.)
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["reward"]["backbone"] = str(tiny_model)
+    strict = parse_config({**raw, "gates": [{"metric": "fact_accuracy", "op": ">=", "threshold": 0.99}]})
     rejected = pipeline(strict)
+    stage_runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rejected['mlflow_run_id']}'"
+    )
+    assert sum(r.data.tags["tunegate.stage"] == "base-model" for r in stage_runs) == 2  # base + backbone
     assert not rejected["verdict"]["passed"]
     assert not rejected["registration"]["promoted"] and rejected["registration"]["version"] is None
     assert "fact_accuracy >= 0.99" in rejected["registration"]["reason"]

@@ -37,7 +37,7 @@ def test_sft_trains_two_steps_and_changes_weights(stage_inputs, sft_model):
     _, base, _, _ = stage_inputs
     assert sft_model.steps == 2
     assert math.isfinite(sft_model.metrics["train_loss"]) and math.isfinite(sft_model.metrics["eval_loss"])
-    assert sft_model.metrics["weights_delta"] > 0
+    assert sft_model.metrics["weights_delta"] > 0 and sft_model.metrics["train_tokens"] > 0
     assert _moved(base.path, sft_model.path)
     assert sft_model.digest != base.digest
 
