@@ -454,77 +454,57 @@ def dropped_path(path: Path) -> Path:
 # Findings
 
 
+def _add(
+    report: DataReport, check: str, tally: Tally, message: str, fix: str, severity: str = "error"
+) -> None:
+    """One check's verdict from its tally: pass when nothing offended, else a finding with samples."""
+    finding = Finding(check, severity, tally.count, message, fix, tally.samples) if tally.count else None
+    report.add(check, finding)
+
+
 def _parse_finding(report: DataReport, tally: Tally) -> None:
-    report.add(
+    _add(
+        report,
         "file parses",
-        Finding(
-            "file parses",
-            "error",
-            tally.count,
-            "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in tally.causes.items()),
-            "re-export the file as UTF-8 JSON Lines, one complete object per line",
-            tally.samples,
-        )
-        if tally.count
-        else None,
+        tally,
+        "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in tally.causes.items()),
+        "re-export the file as UTF-8 JSON Lines, one complete object per line",
     )
 
 
 def _schema_findings(report: DataReport, kind: str, unknown: Tally, broken: Tally) -> None:
-    report.add(
+    keys = "; ".join(k for k, _ in unknown.causes.most_common(3))
+    _add(
+        report,
         "recognised shape",
-        Finding(
-            "recognised shape",
-            "error",
-            unknown.count,
-            f"rows match no {kind} format (keys seen: {'; '.join(k for k, _ in unknown.causes.most_common(3))})",
-            f"give each row {expected_keys(kind)}",
-            unknown.samples,
-        )
-        if unknown.count
-        else None,
+        unknown,
+        f"rows match no {kind} format (keys seen: {keys})",
+        f"give each row {expected_keys(kind)}",
     )
-    report.add(
+    _add(
+        report,
         "schema and roles",
-        Finding(
-            "schema and roles",
-            "error",
-            broken.count,
-            "; ".join(f"{m} (×{c})" for m, c in list(broken.causes.items())[:3]),
-            "correct each row as its message says",
-            broken.samples,
-        )
-        if broken.count
-        else None,
+        broken,
+        "; ".join(f"{m} (×{c})" for m, c in list(broken.causes.items())[:3]),
+        "correct each row as its message says",
     )
 
 
 def _content_findings(report: DataReport, secrets: Tally, pii: Tally, pii_policy: str) -> None:
-    report.add(
+    _add(
+        report,
         "no secrets",
-        Finding(
-            "no secrets",
-            "error",
-            secrets.count,
-            "credentials found in the text (they would be memorised)",
-            "remove or redact the credentials, and rotate them: they have been shared",
-            secrets.samples,
-        )
-        if secrets.count
-        else None,
+        secrets,
+        "credentials found in the text (they would be memorised)",
+        "remove or redact the credentials, and rotate them: they have been shared",
     )
-    report.add(
+    _add(
+        report,
         "personal data",
-        Finding(
-            "personal data",
-            "error" if pii_policy == "block" else "warning",
-            pii.count,
-            "emails or phone numbers in the text",
-            "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
-            pii.samples,
-        )
-        if pii.count
-        else None,
+        pii,
+        "emails or phone numbers in the text",
+        "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
+        "error" if pii_policy == "block" else "warning",
     )
 
 
