@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--config", type=Path)
     val.add_argument("--format", choices=["text", "markdown", "json"], default="text")
 
+    back = sub.add_parser("rollback", help="point the champion alias back at the `previous` version")
+    back.add_argument("name", help="registered model name")
+    back.add_argument("--config", type=Path, help="config whose registry section names the store")
+    back.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry.tracking_uri=...")
+
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*")
@@ -46,10 +51,27 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "rollback":
+            return _rollback(args)
         return _show(args)
     except ConfigError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 2
+
+
+def _rollback(args) -> int:
+    from tasks.registry import rollback
+    from tunegate.config import load_config
+    from tunegate.errors import PromotionError
+
+    cfg = load_config(args.config, [*args.overrides, f"registry.model_name={args.name}"])
+    try:
+        result = rollback(cfg.registry)
+    except PromotionError as exc:
+        print(f"tunegate: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.model_name}: {cfg.registry.alias} -> version {result.version} ({result.reason})")
+    return 0
 
 
 def _show(args) -> int:

@@ -25,9 +25,9 @@ from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
 from tasks.gates import apply_gates
 from tasks.launch import launched
-from tasks.registry import current_champion, fetch_champion, register_candidate
+from tasks.registry import current_champion, fetch_champion, register_candidate, store_setup_lock
 from tasks.validate import validate_data
-from tunegate.artifacts import Artifact, InstructionDataset, Registration, ValidatedData, sha256_file
+from tunegate.artifacts import Artifact, InstructionDataset, ValidatedData, sha256_file
 from tunegate.config import PipelineConfig
 from tunegate.errors import DataValidationError
 
@@ -157,24 +157,20 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         create_table_artifact(
             key="gate-table", table=[r.model_dump() for r in verdict.results], description="Gate results"
         )
-        if verdict.passed:
-            registration = register_task(
-                reg,
-                candidate,
-                verdict,
-                expected_champion=champion.version if champion else None,
-                tags={
-                    "tunegate.parent_run_id": pid,
-                    "prefect.flow_run_id": str(run_id),
-                    "tunegate.config_digest": config.digest(),
-                },
-                parent_run_id=pid,
-            )
-        else:
-            failed = ", ".join(r.gate for r in verdict.results if not r.passed)
-            registration = Registration(
-                promoted=False, model_name=reg.model_name, reason=f"gates failed: {failed}"
-            )
+        # A passing candidate is registered and promoted; a failing one is logged for audit only.
+        registration = register_task(
+            reg,
+            candidate,
+            verdict,
+            expected_champion=champion.version if champion else None,
+            tags={
+                "tunegate.parent_run_id": pid,
+                "prefect.flow_run_id": str(run_id),
+                "tunegate.config_digest": config.digest(),
+            },
+            smoke_prompt=_first_eval_prompt(dataset),
+            parent_run_id=pid,
+        )
         mlflow.set_tags(
             {
                 "tunegate.promoted": str(registration.promoted).lower(),
@@ -218,7 +214,19 @@ def _checkpoint_dirs(config: PipelineConfig, dataset: InstructionDataset, base) 
     return directory
 
 
+def _first_eval_prompt(dataset: InstructionDataset) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(dataset.splits["eval"].path, columns=["prompt"]).slice(0, 1).to_pylist()
+    return rows[0]["prompt"] if rows else [{"role": "user", "content": "Hello!"}]
+
+
 def _use_experiment(reg) -> None:
+    with store_setup_lock(reg):
+        _set_experiment(reg)
+
+
+def _set_experiment(reg) -> None:
     mlflow.set_tracking_uri(reg.tracking_uri)
     if reg.artifact_root and mlflow.get_experiment_by_name(reg.experiment) is None:
         try:

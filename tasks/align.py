@@ -103,7 +103,7 @@ def align_policy(
             peft_config=peft_config,
             callbacks=[finite_loss_guard()],
         )
-    _, resumed = train_resumable(trainer, checkpoint_dir)
+    _, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, cfg.method, before)
     metrics = {
         "weights_delta": delta,

@@ -66,7 +66,7 @@ def train_reward_model(
         peft_config=peft_config,
         callbacks=[finite_loss_guard()],
     )
-    result, resumed = train_resumable(trainer, checkpoint_dir)
+    result, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, "reward", before)
     pairs = list(held_out)
     chosen, rejected = _pair_scores(trainer.model, tokenizer, pairs)

@@ -97,7 +97,7 @@ def train_sft(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    result, resumed = train_resumable(trainer, checkpoint_dir)
+    result, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, "sft", before)
     metrics = {
         "train_loss": float(result.training_loss),

@@ -221,9 +221,34 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int]:
+def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
     """Train, resuming from the last good checkpoint in `checkpoint_dir` when there is one.
-    Returns the train output and the step resumed from (0 for a fresh start)."""
+
+    The directory is claimed with a lock for the duration: a second run with the same inputs at the
+    same time trains in a private directory instead of writing into (or deleting) this run's
+    checkpoints. Returns the train output, the step resumed from (0: fresh) and the directory used."""
+    from filelock import FileLock, Timeout
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched processes share the parent's claim
+        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(checkpoint_dir.parent / f".{checkpoint_dir.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        private = checkpoint_dir.with_name(f"{checkpoint_dir.name}-pid{os.getpid()}")
+        log.warning(
+            "%s is in use by another run with the same inputs; checkpointing to %s", checkpoint_dir, private
+        )
+        trainer.args.output_dir = str(private)
+        return (*_train_from(trainer, private), private)
+    try:
+        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
+    finally:
+        lock.release()
+
+
+def _train_from(trainer, checkpoint_dir: Path) -> tuple[Any, int]:
     ckpt = last_checkpoint(checkpoint_dir)
     resumed = 0
     if ckpt is not None:

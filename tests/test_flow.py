@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.cli import main
 from flows.pipeline import pipeline
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
@@ -19,6 +20,10 @@ from tunegate.errors import DataValidationError
 def prefect_api():
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    return {k: str(v) for k, v in client.get_registered_model("tiny-assistant").aliases.items()}
 
 
 def _client(cfg) -> MlflowClient:
@@ -103,6 +108,26 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert "fact_accuracy >= 0.99" in rejected["registration"]["reason"]
     assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
     assert len(client.search_model_versions("name='tiny-assistant'")) == 2
+    # ... but its model is kept, logged in the register stage's run, for audit.
+    register_run = next(r for r in stage_runs if r.data.tags["tunegate.stage"] == "register")
+    assert register_run.data.tags["tunegate.audit_model_uri"].startswith("models:/")
+    assert "logged for audit" in rejected["registration"]["reason"]
+    audit = mlflow.search_logged_models(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"source_run_id = '{register_run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(audit) == 1
+
+    # The challenger alias only lives during promotion; rollback puts `previous` back, and back again.
+    assert _aliases(client) == {"champion": "2", "previous": "1"}
+    uri = f"registry.tracking_uri={cfg.registry.tracking_uri}"
+    assert main(["rollback", "tiny-assistant", uri]) == 0
+    assert _aliases(client) == {"champion": "1", "previous": "2"}
+    assert client.get_model_version("tiny-assistant", "2").tags["tunegate.rolled_back"] == "true"
+    assert main(["rollback", "tiny-assistant", uri]) == 0
+    assert _aliases(client) == {"champion": "2", "previous": "1"}
+    assert main(["rollback", "no-such-model", uri]) == 1
 
 
 def test_bad_data_stops_before_training_naming_the_row(prefect_api, tiny_model, data_dir, tmp_path):
@@ -151,3 +176,46 @@ def test_dpo_with_a_reward_gate_is_a_config_error(tiny_model, data_dir, tmp_path
     raw["gates"].append({"metric": "reward_score", "op": ">=", "baseline": "base"})
     with pytest.raises(ConfigError, match="needs a reward model, and align.method=dpo trains none"):
         parse_config(raw)
+
+
+RUN = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_two_concurrent_runs_promote_exactly_one(tiny_model, data_dir, tmp_path):
+    """Two real pipeline processes, one MLflow store, no champion at the start of either: both pass
+    their gates, exactly one takes the champion alias, the other ends not promoted and says why."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    cfg_path = tmp_path / "race.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    procs = []
+    for i in range(2):
+        home = tmp_path / f"prefect-{i}"  # each process its own ephemeral Prefect API
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        log = open(tmp_path / f"run-{i}.log", "w")
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", RUN, "run", "--config", str(cfg_path)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    for proc, log in procs:
+        assert proc.wait(timeout=600) == 0, (tmp_path / log.name).read_text()[-3000:]
+        log.close()
+    outputs = [(tmp_path / f"run-{i}.log").read_text() for i in range(2)]
+    assert sum("alias champion" in out for out in outputs) == 1
+    loser = next(out for out in outputs if "NOT PROMOTED" in out)
+    client = _client(parse_config(raw))
+    aliases = _aliases(client)
+    assert set(aliases) == {"champion"} and f"champion moved from none to {aliases['champion']}" in loser
+    assert len(client.search_model_versions("name='tiny-assistant'")) == 2  # both registered, one promoted
