@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rollback(args) -> int:
+    from flows.locks import promotion_lock
     from tasks.registry import rollback
     from tunegate.config import load_config
     from tunegate.errors import PromotionError
 
     cfg = load_config(args.config, [*args.overrides, f"registry.model_name={args.name}"])
     try:
-        result = rollback(cfg.registry)
+        result = rollback(cfg.registry, promotion_lock(cfg.registry))
     except PromotionError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.locks import promotion_lock
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
@@ -169,6 +170,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 "tunegate.config_digest": config.digest(),
             },
             smoke_prompt=_first_eval_prompt(dataset),
+            lock=promotion_lock(reg),
             parent_run_id=pid,
         )
         mlflow.set_tags(

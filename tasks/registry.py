@@ -7,15 +7,17 @@ compared against (compare-and-set). The old champion becomes `previous`. Anythin
 promoted, with the reason, and the champion untouched. A failing candidate is logged as a model in the
 run (for audit) but never registered. `rollback` puts `previous` back.
 
-The lock: a file lock beside a local store (sqlite or file URIs), or a Prefect global concurrency
-limit for a remote tracking server, so two runs finishing together cannot both promote.
+The lock is passed in (`lock`, a factory of context managers): the flow supplies a file lock beside
+a local store or a Prefect global concurrency limit for a remote tracking server
+(`flows/locks.py`), so two runs finishing together cannot both promote. Without one, only a local
+store's file lock is available here; orchestration stays out of this layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -72,6 +74,7 @@ def register_candidate(
     expected_champion: str | None,
     tags: dict[str, str],
     smoke_prompt: list[dict] | None = None,
+    lock: Lock | None = None,
 ) -> Registration:
     """Log the candidate in the active MLflow run; if its verdict passed, register and promote it.
 
@@ -79,6 +82,8 @@ def register_candidate(
     """
     import mlflow
 
+    if verdict.passed:
+        lock = lock or local_promotion_lock(cfg)  # before anything is written: a remote store needs one
     info = _log_model(candidate)
     if not verdict.passed:
         failed = ", ".join(r.gate for r in verdict.results if not r.passed)
@@ -91,7 +96,7 @@ def register_candidate(
     client = _client(cfg)
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     version = str(mv.version)
-    with promotion_lock(cfg):
+    with lock():
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         problem = smoke_test(cfg, smoke_prompt)
         if problem is not None:
@@ -151,14 +156,15 @@ def smoke_test(cfg: RegistrySection, prompt: list[dict] | None) -> str | None:
     return None if out.shape[1] > enc["input_ids"].shape[1] else "it generated no tokens"
 
 
-def rollback(cfg: RegistrySection) -> Registration:
+def rollback(cfg: RegistrySection, lock: Lock | None = None) -> Registration:
     """Point the champion alias back at `previous`; the demoted version becomes `previous`.
 
     Raises:
         PromotionError: there is no `previous` version to go back to.
     """
+    lock = lock or local_promotion_lock(cfg)
     client = _client(cfg)
-    with promotion_lock(cfg):
+    with lock():
         try:
             back = str(client.get_model_version_by_alias(cfg.model_name, PREVIOUS).version)
         except Exception as exc:  # noqa: BLE001 - MLflow raises its generic error for a missing alias
@@ -178,25 +184,29 @@ def rollback(cfg: RegistrySection) -> Registration:
     )
 
 
-@contextlib.contextmanager
-def promotion_lock(cfg: RegistrySection, timeout_s: float = 600) -> Iterator[None]:
-    """Mutual exclusion for alias moves on one registered model, across processes."""
-    local = _local_store(cfg)
-    if local is not None:
-        with _file_lock(local, f"{cfg.model_name}.promote", timeout_s):
-            yield
-        return
-    from prefect.concurrency.sync import concurrency
+Lock = Callable[[], contextlib.AbstractContextManager]
 
-    with concurrency(f"tunegate-promote-{cfg.model_name}", occupy=1, timeout_seconds=timeout_s):
-        yield
+
+def local_promotion_lock(cfg: RegistrySection, timeout_s: float = 600) -> Lock:
+    """A file lock for alias moves on one registered model in a local store, across processes.
+
+    Raises:
+        PromotionError: the store is remote; its lock must come from the orchestrator.
+    """
+    local = local_store(cfg)
+    if local is None:
+        raise PromotionError(
+            f"{cfg.tracking_uri} is a remote store: promotion needs a cross-process lock from the flow "
+            "(flows/locks.py), not a local file lock"
+        )
+    return lambda: _file_lock(local, f"{cfg.model_name}.promote", timeout_s)
 
 
 @contextlib.contextmanager
 def store_setup_lock(cfg: RegistrySection, timeout_s: float = 300) -> Iterator[None]:
     """Serialise the first use of a local store: MLflow creates and migrates a new sqlite database on
     first contact, and two processes doing that at once fail."""
-    local = _local_store(cfg)
+    local = local_store(cfg)
     if local is None:
         yield
         return
@@ -204,7 +214,7 @@ def store_setup_lock(cfg: RegistrySection, timeout_s: float = 300) -> Iterator[N
         yield
 
 
-def _local_store(cfg: RegistrySection) -> Path | None:
+def local_store(cfg: RegistrySection) -> Path | None:
     parsed = urlparse(cfg.tracking_uri)
     if parsed.scheme == "sqlite":
         return Path(parsed.path)

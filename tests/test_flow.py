@@ -219,3 +219,16 @@ def test_two_concurrent_runs_promote_exactly_one(tiny_model, data_dir, tmp_path)
     aliases = _aliases(client)
     assert set(aliases) == {"champion"} and f"champion moved from none to {aliases['champion']}" in loser
     assert len(client.search_model_versions("name='tiny-assistant'")) == 2  # both registered, one promoted
+
+
+def test_remote_store_promotion_lock_comes_from_the_flow():
+    from flows.locks import promotion_lock
+    from tasks.registry import local_promotion_lock
+    from tunegate.config import RegistrySection
+    from tunegate.errors import PromotionError
+
+    remote = RegistrySection(tracking_uri="http://127.0.0.1:5000")
+    with pytest.raises(PromotionError, match="remote store: promotion needs a cross-process lock"):
+        local_promotion_lock(remote)
+    assert promotion_lock(remote).__name__ == "prefect_limit"
+    assert promotion_lock(RegistrySection(tracking_uri="sqlite:////tmp/x/mlflow.db")).__name__ == "<lambda>"
