@@ -83,7 +83,8 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     out_dir = Path(kwargs["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     spec, result, logfile = out_dir / "launch.json", out_dir / "launch.result.json", out_dir / "launch.log"
-    result.unlink(missing_ok=True)
+    for stale in (result, *_rank_errors(result)):
+        stale.unlink(missing_ok=True)
     spec.write_text(
         json.dumps(
             {
@@ -105,6 +106,8 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     with open(logfile, "w", encoding="utf-8") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
     outcome = json.loads(result.read_text()) if result.exists() else None
+    if outcome is None and (failed := _rank_errors(result)):  # a worker failed before the main process wrote
+        outcome = json.loads(failed[0].read_text())
     if outcome and "error" in outcome:
         cls = getattr(errors, outcome["error"], errors.TrainingError)
         if cls is errors.ConfigError:
@@ -118,23 +121,33 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     return ModelArtifact.model_validate(outcome["artifact"])
 
 
+def _rank_errors(result: Path) -> list[Path]:
+    return sorted(result.parent.glob(f"{result.stem}.rank*.json"))
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     spec_path, result_path = (argv or sys.argv[1:])[:2]
     spec = json.loads(Path(spec_path).read_text())
     types = STAGES[spec["stage"]][1]
     args = [t.model_validate(a) if a is not None else None for t, a in zip(types, spec["args"], strict=True)]
     kwargs = {k: Path(v) if k.endswith("_dir") and v is not None else v for k, v in spec["kwargs"].items()}
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    rank = int(os.environ.get("RANK", "0"))
+    result = Path(result_path)
     try:
         artifact = stage_function(spec["stage"])(*args, **kwargs)
     except errors.TunegateError as exc:
-        if main_process:
-            problems = getattr(exc, "problems", None)
-            outcome = {"error": type(exc).__name__, "message": str(exc), "problems": problems}
-            Path(result_path).write_text(json.dumps(outcome))
+        # every rank reports: the launcher may stop the main process as soon as another rank exits
+        outcome = {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)}
+        _write_atomic(result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}.json"), outcome)
         return 1
-    if main_process:
-        Path(result_path).write_text(json.dumps({"artifact": artifact.model_dump(mode="json")}))
+    if rank == 0:
+        _write_atomic(result, {"artifact": artifact.model_dump(mode="json")})
     return 0
 
 

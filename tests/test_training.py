@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.align import align_policy, check_guard
-from tasks.launch import launch, launch_command
+from tasks.launch import launch, launch_command, main as launch_main
 from tasks.reward import check_reward_model, length_bias
 from tasks.sft import train_sft
 from tasks.training import BASE_REF, load_causal_lm
@@ -243,6 +243,29 @@ def test_launch_command_uses_the_accelerate_config_when_given(tmp_path):
     assert cmd[5:7] == ["--config_file", "configs/accelerate/fsdp.yaml"] and "--multi_gpu" not in cmd
     assert cmd[-4:] == ["-m", "tasks.launch", str(tmp_path / "s.json"), str(tmp_path / "r.json")]
     assert "--multi_gpu" in launch_command(2, None, tmp_path / "s.json", tmp_path / "r.json")
+
+
+def test_a_failing_worker_rank_reports_its_error_even_if_the_main_process_is_stopped(
+    stage_inputs, tmp_path, monkeypatch
+):
+    # torchrun stops rank 0 as soon as rank 1 exits; the parent must still get rank 1's error
+    _, base, dataset, _ = stage_inputs
+    spec, result = tmp_path / "launch.json", tmp_path / "launch.result.json"
+    cfg = _sft_cfg(stage_inputs, mode="qlora")
+    spec.write_text(
+        json.dumps(
+            {
+                "stage": "sft",
+                "args": [a.model_dump(mode="json") for a in (cfg, dataset, base)],
+                "kwargs": {"out_dir": str(tmp_path / "out"), "seed": 1},
+            }
+        )
+    )
+    monkeypatch.setenv("RANK", "1")
+    assert launch_main([str(spec), str(result)]) == 1
+    assert not result.exists()
+    outcome = json.loads((tmp_path / "launch.result.rank1.json").read_text())
+    assert outcome["error"] == "ConfigError" and "qlora needs a CUDA GPU" in str(outcome["problems"])
 
 
 def test_two_process_launch_trains_and_returns_the_main_process_result(stage_inputs, tmp_path):
