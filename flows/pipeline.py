@@ -31,6 +31,7 @@ from tasks.validate import validate_data
 from tunegate.artifacts import Artifact, InstructionDataset, ValidatedData, sha256_file
 from tunegate.config import PipelineConfig
 from tunegate.errors import DataValidationError
+from tunegate.provenance import git_commit, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,13 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     champion = current_champion(reg)
     with mlflow.start_run(run_name=config.run.name) as parent:
         pid = parent.info.run_id
-        _tag_parent(config, run_id, champion.version if champion else None, run_dir)
+        commit = git_commit()
+        _tag_parent(config, run_id, champion.version if champion else None, run_dir, commit)
         base = prepare_base_model_task(config.model, parent_run_id=pid)
         mlflow.log_params({"base_model": config.model.base_model, "base_model_digest": base.digest[:16]})
+        mlflow.set_tags(
+            {"tunegate.base_model": config.model.base_model, "tunegate.base_model_digest": base.digest}
+        )
         try:
             validated = validate_task(
                 config.validate_,
@@ -167,7 +172,12 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             tags={
                 "tunegate.parent_run_id": pid,
                 "prefect.flow_run_id": str(run_id),
+                "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
                 "tunegate.config_digest": config.digest(),
+                "tunegate.git_commit": commit,
+                "tunegate.base_model": config.model.base_model,
+                "tunegate.base_model_digest": base.digest,
+                "tunegate.candidate_digest": candidate.digest,
             },
             smoke_prompt=_first_eval_prompt(dataset),
             lock=promotion_lock(reg),
@@ -239,9 +249,13 @@ def _set_experiment(reg) -> None:
     mlflow.set_experiment(reg.experiment)
 
 
-def _tag_parent(config: PipelineConfig, run_id: str, champion: str | None, run_dir: Path) -> None:
+def _tag_parent(
+    config: PipelineConfig, run_id: str, champion: str | None, run_dir: Path, commit: str
+) -> None:
     mlflow.set_tags(
         {
+            "tunegate.git_commit": commit,
+            **{f"tunegate.version.{name}": v for name, v in library_versions().items()},
             "prefect.flow_run_id": str(run_id),
             "prefect.flow_run_name": flow_run.get_name() or "",
             "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
@@ -281,7 +295,8 @@ def _log_datasets(dataset: InstructionDataset, validated: ValidatedData) -> None
             source = resolve_dataset_source(str(Path(f.path).resolve()))
         ds = MetaDataset(source, name=name, digest=f.sha256[:16], schema=mlflow.data.from_pandas(head).schema)
         context = "eval" if name in ("sft_eval", "pref_eval", "eval") else "train"
-        mlflow.log_input(ds, context=context, tags={"rows": str(f.rows), "sha256": f.sha256})
+        tags = {"rows": str(f.rows), "sha256": f.sha256, "validation_report": "validation/validation.json"}
+        mlflow.log_input(ds, context=context, tags=tags)
     mlflow.log_dict(validated.sources, "data/sources.json")
     mlflow.log_artifact(dataset.manifest, "data")
     dropped = Path(dataset.manifest).with_name("dropped.jsonl")
