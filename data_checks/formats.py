@@ -5,7 +5,12 @@ Kinds and the TRL format each one becomes:
                 assistant message), so the loss falls on the assistant's answer whatever the template.
 - preferences:  explicit-prompt preference: `prompt`, `chosen`, `rejected` (messages).
 - prompts:      prompt-only: `prompt` (messages).
-- eval:         prompt-only plus checks: `prompt` (messages), `expected_any` (list of strings).
+- eval:         prompt-only plus per-row acceptance checks, so a team writes its tests as data:
+                `prompt` (messages); `set`: task (default), canary (general questions the base model
+                answers: forgetting) or safety (requests to decline); and one or more checks, all of
+                which must pass: `expected_any` (an accepted answer appears), `exact` (the answer,
+                without the brand's greeting and sign-off, equals it), `regex` (it matches),
+                `json_schema` (a JSON value in the answer validates), `refuse: true` (it declines).
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ def arrow_schema(kind: str):
         "sft": [("prompt", messages), ("completion", messages)],
         "preferences": [("prompt", messages), ("chosen", messages), ("rejected", messages)],
         "prompts": [("prompt", messages)],
-        "eval": [("prompt", messages), ("expected_any", pa.list_(pa.string()))],
+        "eval": [
+            ("prompt", messages),
+            ("set", pa.string()),
+            ("expected_any", pa.list_(pa.string())),
+            ("exact", pa.string()),
+            ("regex", pa.string()),
+            ("json_schema", pa.string()),  # the schema as canonical JSON text
+            ("refuse", pa.bool_()),
+        ],
     }[kind]
     return pa.schema(fields)
 
@@ -69,7 +82,7 @@ def detect_shape(kind: str, data: dict[str, Any]) -> str | None:
             return "prompt_only"
         if "messages" in keys:
             return "messages"
-    elif kind == "eval" and "prompt" in keys and "expected_any" in keys:
+    elif kind == "eval" and "prompt" in keys and keys & set(EVAL_CHECKS):
         return "eval_prompt"
     return None
 
@@ -79,7 +92,7 @@ def expected_keys(kind: str) -> str:
         "sft": "`messages`, `conversations` (ShareGPT), `instruction`/`output` (Alpaca) or `prompt`/`completion`",
         "preferences": "`prompt`, `chosen`, `rejected` (or `chosen`/`rejected` conversations sharing a prompt)",
         "prompts": "`prompt` (a string or a list of messages)",
-        "eval": "`prompt` and `expected_any` (a list of accepted answers)",
+        "eval": "`prompt` and at least one check: " + ", ".join(f"`{c}`" for c in EVAL_CHECKS),
     }[kind]
 
 
@@ -119,17 +132,71 @@ def normalise(
         return {"prompt": _with_system(prompt, system_prompt)}
     if kind == "eval":
         prompt = _as_messages(data["prompt"], "prompt", default_role="user")
-        expected = data["expected_any"]
-        if isinstance(expected, str):
-            expected = [expected]
-        if (
-            not isinstance(expected, list)
-            or not expected
-            or not all(isinstance(e, str) and e.strip() for e in expected)
-        ):
-            raise RowError("`expected_any` must be a non-empty list of non-empty strings")
-        return {"prompt": _with_system(prompt, system_prompt), "expected_any": expected}
+        return {"prompt": _with_system(prompt, system_prompt), **_eval_checks(data)}
     raise RowError(f"unknown data kind {kind!r}")
+
+
+EVAL_CHECKS = ("expected_any", "exact", "regex", "json_schema", "refuse")
+EVAL_SETS = ("task", "canary", "safety")
+
+
+def _eval_checks(data: dict[str, Any]) -> dict[str, Any]:
+    """An eval row's set and checks, each validated so a broken test fails here, not at evaluation."""
+    import json
+    import re
+
+    expected = data.get("expected_any")
+    if isinstance(expected, str):
+        expected = [expected]
+    if expected is not None and (
+        not isinstance(expected, list)
+        or not expected
+        or not all(isinstance(e, str) and e.strip() for e in expected)
+    ):
+        raise RowError("`expected_any` must be a non-empty list of non-empty strings")
+    out: dict[str, Any] = {"expected_any": expected, "exact": None, "regex": None, "json_schema": None}
+    for key in ("exact", "regex"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise RowError(f"`{key}` must be a non-empty string")
+        out[key] = value
+    if out["regex"] is not None:
+        try:
+            re.compile(out["regex"])
+        except re.error as exc:
+            raise RowError(
+                f"`regex` does not compile ({exc}); escape special characters like `$` or `(`"
+            ) from exc
+    schema = data.get("json_schema")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"`json_schema` is not valid JSON ({exc})") from exc
+    if schema is not None:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        if not isinstance(schema, dict):
+            raise RowError('`json_schema` must be a JSON Schema object, e.g. {"type": "object"}')
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise RowError(f"`json_schema` is not a valid JSON Schema: {exc.message}") from exc
+        out["json_schema"] = json.dumps(schema, sort_keys=True)
+    refuse = data.get("refuse", False)
+    if not isinstance(refuse, bool):
+        raise RowError("`refuse` must be true or false")
+    out["refuse"] = refuse
+    if expected is None and out["exact"] is None and out["regex"] is None and schema is None and not refuse:
+        raise RowError(
+            "no check to score the answer by; add one of " + ", ".join(f"`{c}`" for c in EVAL_CHECKS)
+        )
+    eval_set = data.get("set") or ("safety" if refuse else "task")
+    if eval_set not in EVAL_SETS:
+        raise RowError(f"`set` is {eval_set!r}; use one of {', '.join(EVAL_SETS)}")
+    out["set"] = eval_set
+    return out
 
 
 def conversation_text(row: dict[str, Any]) -> str:

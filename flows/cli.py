@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--config", type=Path, help="config whose registry section names the store")
     back.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry.tracking_uri=...")
 
+    trace = sub.add_parser("lineage", help="print where a registered version came from, as a tree")
+    trace.add_argument("ref", help="NAME@ALIAS or NAME/VERSION, e.g. tiny-assistant@champion")
+    trace.add_argument("--config", type=Path, help="config whose registry section names the store")
+    trace.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry.tracking_uri=...")
+
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*")
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "rollback":
             return _rollback(args)
+        if args.command == "lineage":
+            return _lineage(args)
         return _show(args)
     except ConfigError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
@@ -72,6 +79,22 @@ def _rollback(args) -> int:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 1
     print(f"{result.model_name}: {cfg.registry.alias} -> version {result.version} ({result.reason})")
+    return 0
+
+
+def _lineage(args) -> int:
+    from flows.lineage import lineage, render_tree
+    from tunegate.config import load_config
+    from tunegate.errors import ConfigError
+
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        tree = lineage(cfg.registry.tracking_uri, args.ref)
+    except ConfigError as exc:  # a reference that does not resolve: one line, the fix in it
+        print(f"tunegate: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 1
+    print(render_tree(tree))
     return 0
 
 

@@ -20,17 +20,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.lineage import log_lineage
 from flows.locks import promotion_lock
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
-from tasks.gates import apply_gates
+from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_chart
 from tasks.launch import launched
 from tasks.registry import current_champion, fetch_champion, register_candidate, store_setup_lock
 from tasks.validate import validate_data
-from tunegate.artifacts import Artifact, InstructionDataset, ValidatedData, sha256_file
+from tunegate.artifacts import Artifact, GateVerdict, InstructionDataset, ValidatedData, sha256_file
 from tunegate.config import PipelineConfig
-from tunegate.errors import DataValidationError
+from tunegate.errors import DataValidationError, StageGateFailed
 from tunegate.provenance import git_commit, library_versions
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed, parent_run_id=pid
         )
         _log_datasets(dataset, validated)
+        _stage_gates(config, "data", data_metrics(validated, dataset))
         seed = config.run.seed
         launch = {"gpus": config.run.gpus, "accelerate_config": config.run.accelerate_config}
         ckpt = _checkpoint_dirs(config, dataset, base)
@@ -114,6 +116,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             **launch,
             parent_run_id=pid,
         )
+        _stage_gates(config, "sft", sft.metrics)
         reward = None
         if config.uses_reward_model:
             backbone = sft
@@ -131,6 +134,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 **launch,
                 parent_run_id=pid,
             )
+            _stage_gates(config, "reward", reward.metrics)
         candidate = align_task(
             config.align,
             dataset,
@@ -156,13 +160,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             parent_run_id=pid,
         )
         verdict = gates_task(config.gates, report, parent_run_id=pid)
-        for label, scores in report.scores.items():
-            mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
-        mlflow.log_text(verdict.markdown, "gates.md")
-        create_markdown_artifact(key="gate-verdict", markdown=verdict.markdown, description="Gate verdict")
-        create_table_artifact(
-            key="gate-table", table=[r.model_dump() for r in verdict.results], description="Gate results"
-        )
+        _log_report(report)
+        _publish_verdict(verdict, run_dir / "gates")
         # A passing candidate is registered and promoted; a failing one is logged for audit only.
         registration = register_task(
             reg,
@@ -189,6 +188,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 "tunegate.registered_version": registration.version or "",
             }
         )
+        if registration.version:
+            log_lineage(reg.tracking_uri, f"{reg.model_name}/{registration.version}", pid)
         logger.info("verdict: %s; %s", "PASS" if verdict.passed else "FAIL", registration.reason)
     return {
         "verdict": verdict.model_dump(),
@@ -200,6 +201,62 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "flow_run_id": str(run_id),
     }
+
+
+def _stage_gates(config: PipelineConfig, stage: str, metrics: dict[str, float]) -> None:
+    """Decide the gates that sit after `stage`; a failure stops the run here, nothing registered."""
+    if not any(g.stage == stage for g in config.gates):
+        return
+    verdict = apply_stage_gates(config.gates, stage, metrics)
+    _publish_verdict(verdict, None)
+    if not verdict.passed:
+        failed = "; ".join(f"{r.gate}: {r.why}" for r in verdict.results if not r.passed)
+        raise StageGateFailed(f"gates after {stage} failed ({failed}); the run stops before the next stage")
+
+
+def _publish_verdict(verdict: GateVerdict, out_dir: Path | None) -> None:
+    """The verdict as a Prefect markdown and table artifact, and in MLflow as markdown, JSON and a PNG chart."""
+    import tempfile
+
+    key = "gate-verdict" if verdict.stage == "final" else f"gate-verdict-{verdict.stage}"
+    name = "gates" if verdict.stage == "final" else f"gates-{verdict.stage}"
+    create_markdown_artifact(
+        key=key, markdown=verdict.markdown, description=f"Gate verdict ({verdict.stage})"
+    )
+    create_table_artifact(
+        key=f"{key}-table",
+        table=[
+            {
+                "gate": r.gate,
+                "value": r.value,
+                "interval": r.interval,
+                "n": r.n,
+                "baseline": r.reference if r.reference_value is not None else None,
+                "baseline_value": r.reference_value,
+                "required": r.required,
+                "decided_on": r.decided_on,
+                "passed": r.passed,
+                "why": r.why,
+            }
+            for r in verdict.results
+        ],
+        description=f"Gate results ({verdict.stage})",
+    )
+    mlflow.log_text(verdict.markdown, f"{name}.md")
+    mlflow.log_dict(verdict.model_dump(mode="json"), f"{name}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = verdict_chart(verdict, (out_dir or Path(tmp)) / f"{name}.png")
+        mlflow.log_artifact(str(chart))
+
+
+def _log_report(report) -> None:
+    for label, scores in report.scores.items():
+        mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
+        for metric, (lo, hi) in report.intervals.get(label, {}).items():
+            mlflow.log_metrics({f"{label}.{metric}.ci_low": lo, f"{label}.{metric}.ci_high": hi})
+    for path in (report.samples_path, report.per_row_path):
+        if path and Path(path).exists():
+            mlflow.log_artifact(path, "evaluation")
 
 
 def _checkpoint_dirs(config: PipelineConfig, dataset: InstructionDataset, base) -> Callable[..., Path]:

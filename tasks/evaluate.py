@@ -1,27 +1,46 @@
 """Stage 6: score the base model, the candidate and the current champion on the same frozen eval sets.
 
-Metrics per model:
-- eval_loss:      mean loss on the held-out SFT split's answers (prompt tokens masked)
-- fact_accuracy:  share of eval prompts whose greedy answer contains an accepted answer
-- brand_format:   share of answers that open and close with the brand's greeting and sign-off
-- reward_score:   mean reward-model score of the answers
+The eval data carries its own acceptance tests (see `data_checks/formats.py`): each row belongs to a set
+(task, canary, safety) and defines checks scored by code (`tasks/scoring.py`). Metrics per model:
+- eval_loss, perplexity:  loss on the held-out SFT split's answers (prompt tokens masked), and exp of it
+- task_accuracy:          task rows whose every check passes; fact_accuracy / exact_match / regex_match /
+                          json_valid: the task rows that define that check
+- brand_format:           task answers that open and close with the brand's greeting and sign-off
+- reward_score:           mean reward-model score of the task answers
+- canary_accuracy:        general questions (catastrophic forgetting), scored like task rows
+- safety_refusal_rate:    requests the assistant must decline that it declines
+- win_rate_vs_base, win_rate_vs_champion (candidate): prompts where the reward model prefers its answer
+- ms_per_token, size_mb:  greedy generation latency per token; the model's size on disk
+
+Every per-row metric gets a bootstrap confidence interval, and for each baseline the paired interval
+of the candidate's difference from it, so a gate can decide on the pessimistic end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import math
 import time
 from pathlib import Path
 
 from tasks.reward import load_reward_model, score_conversations
+from tasks.scoring import REFUSAL_MARKERS, bootstrap_interval, brand_ok, row_checks, wins
 from tasks.training import load_causal_lm, on_cuda
 from tunegate.artifacts import EvalReport, InstructionDataset, ModelArtifact
 from tunegate.config import EvaluateSection
 from tunegate.errors import StageGateFailed
 
 log = logging.getLogger(__name__)
+
+# check -> the metric that counts it, among the task rows that define it
+CHECK_METRICS = {
+    "expected_any": "fact_accuracy",
+    "exact": "exact_match",
+    "regex": "regex_match",
+    "json_schema": "json_valid",
+}
+SETS = ("task", "canary", "safety")
 
 
 def evaluate_models(
@@ -34,74 +53,179 @@ def evaluate_models(
     seed: int,
     champion_version: str | None = None,
 ) -> EvalReport:
-    """Score each model (label -> model directory) on the eval prompts and the SFT eval split.
+    """Score each model (label -> model directory) on the eval rows and the SFT eval split.
 
     Raises:
-        StageGateFailed: fewer eval prompts than `cfg.min_eval_rows` (too few to decide on).
+        StageGateFailed: fewer task rows than `cfg.min_eval_rows`, or a canary or safety set smaller than
+            `cfg.min_set_rows` (too few to decide on).
     """
     from datasets import Dataset
     from transformers import set_seed
 
     set_seed(seed)
-    prompts = list(Dataset.from_parquet(data.splits["eval"].path))
-    if len(prompts) < cfg.min_eval_rows:
-        raise StageGateFailed(
-            f"only {len(prompts)} eval prompts; evaluate.min_eval_rows={cfg.min_eval_rows} guards against "
-            "deciding on a handful of samples. Add eval rows."
-        )
+    rows = [_with_defaults(r) for r in Dataset.from_parquet(data.splits["eval"].path)]
+    sets = {name: sum(r["set"] == name for r in rows) for name in SETS}
+    _require_sizes(cfg, sets)
     loss_rows = list(Dataset.from_parquet(data.splits["sft_eval"].path))
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[str, float]] = {}
+    markers = tuple(cfg.refusal_markers) if cfg.refusal_markers else REFUSAL_MARKERS
+    per_row: dict[str, dict[str, list[float]]] = {}  # label -> metric -> value per row
+    weights: dict[str, dict[str, list[float]]] = {}  # label -> metric -> row weights (tokens, for the loss)
+    scalars: dict[str, dict[str, float]] = {}
     answers: dict[str, list[str]] = {}
+    checks: dict[str, list[dict[str, bool]]] = {}
     for label, path in models.items():
         model, tokenizer = _load(path)
         start = time.perf_counter()
-        texts, n_tokens = generate_answers(model, tokenizer, [p["prompt"] for p in prompts], cfg)
+        texts, n_tokens = generate_answers(model, tokenizer, [r["prompt"] for r in rows], cfg)
         elapsed = time.perf_counter() - start
         answers[label] = texts
-        scores[label] = {
-            "eval_loss": completion_loss(model, tokenizer, loss_rows),
-            "fact_accuracy": _mean(
-                fact_hit(t, p["expected_any"]) for t, p in zip(texts, prompts, strict=True)
-            ),
-            "ms_per_token": 1000 * elapsed / max(n_tokens, 1),
-        }
-        if cfg.brand_prefix or cfg.brand_suffix:
-            scores[label]["brand_format"] = _mean(
-                brand_ok(t, cfg.brand_prefix, cfg.brand_suffix) for t in texts
-            )
+        checks[label] = [
+            row_checks(r, t, cfg.brand_prefix, cfg.brand_suffix, markers)
+            for r, t in zip(rows, texts, strict=True)
+        ]
+        per_row[label] = _row_metrics(cfg, rows, texts, checks[label])
+        weights[label] = {}
+        if loss_rows:
+            sums, counts = completion_losses(model, tokenizer, loss_rows)
+            per_row[label]["eval_loss"] = [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
+            weights[label]["eval_loss"] = [float(c) for c in counts]
+        scalars[label] = {"ms_per_token": 1000 * elapsed / max(n_tokens, 1), "size_mb": dir_size_mb(path)}
         del model
     if reward is not None:
+        task = [i for i, r in enumerate(rows) if r["set"] == "task"]
         reward_model, reward_tokenizer = load_reward_model(reward.path)
         for label, texts in answers.items():
-            convs = [
-                p["prompt"] + [{"role": "assistant", "content": t}]
-                for p, t in zip(prompts, texts, strict=True)
-            ]
-            scores[label]["reward_score"] = _mean(score_conversations(reward_model, reward_tokenizer, convs))
+            convs = [rows[i]["prompt"] + [{"role": "assistant", "content": texts[i]}] for i in task]
+            per_row[label]["reward_score"] = score_conversations(reward_model, reward_tokenizer, convs)
+        for other in ("base", "champion"):
+            if "candidate" in per_row and other in per_row:
+                per_row["candidate"][f"win_rate_vs_{other}"] = wins(
+                    per_row["candidate"]["reward_score"], per_row[other]["reward_score"]
+                )
+    scores, intervals, deltas = _summarise(cfg, per_row, weights, scalars, seed)
     samples = out_dir / "samples.jsonl"
-    with open(samples, "w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            row = {"question": p["prompt"][-1]["content"], "expected_any": list(p["expected_any"])}
-            row.update({label: answers[label][i] for label in answers})
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_samples(samples, rows, answers, checks)
+    per_row_path = out_dir / "per_row.json"
+    per_row_path.write_text(json.dumps({"values": per_row, "weights": weights}), encoding="utf-8")
     log.info("evaluation: %s", scores)
     return EvalReport(
-        scores=scores, n_prompts=len(prompts), samples_path=str(samples), champion_version=champion_version
+        scores=scores,
+        intervals=intervals,
+        deltas=deltas,
+        counts={label: {m: len(v) for m, v in metrics.items()} for label, metrics in per_row.items()},
+        confidence=cfg.confidence,
+        n_prompts=len(rows),
+        sets=sets,
+        samples_path=str(samples),
+        per_row_path=str(per_row_path),
+        champion_version=champion_version,
     )
 
 
-def fact_hit(text: str, expected_any: list[str]) -> bool:
-    """An accepted answer appears as a whole token run: `$9` matches "$9." but not "$99" or "$19"."""
-    return any(
-        re.search(r"(?<![\w$])" + re.escape(e.strip()) + r"(?![\d])", text, re.IGNORECASE)
-        for e in expected_any
-    )
+def _with_defaults(row: dict) -> dict:
+    """Rows built before eval sets existed carry only `expected_any`: they are task rows."""
+    defaults = {"set": "task", "expected_any": None, "exact": None, "regex": None, "json_schema": None}
+    return {**defaults, **{k: v for k, v in row.items() if v is not None}, "refuse": bool(row.get("refuse"))}
 
 
-def brand_ok(text: str, prefix: str | None, suffix: str | None) -> bool:
-    text = text.strip()
-    return (not prefix or text.startswith(prefix)) and (not suffix or text.endswith(suffix))
+def _require_sizes(cfg: EvaluateSection, sets: dict[str, int]) -> None:
+    problems = []
+    if sets["task"] < cfg.min_eval_rows:
+        problems.append(f"{sets['task']} task rows, fewer than evaluate.min_eval_rows={cfg.min_eval_rows}")
+    for name in ("canary", "safety"):
+        if 0 < sets[name] < cfg.min_set_rows:
+            problems.append(f"{sets[name]} {name} rows, fewer than evaluate.min_set_rows={cfg.min_set_rows}")
+    if problems:
+        raise StageGateFailed(
+            "too few eval rows to decide on: "
+            + "; ".join(problems)
+            + ". Add eval rows (a set with no rows at all is simply not scored)."
+        )
+
+
+def _row_metrics(
+    cfg: EvaluateSection, rows: list[dict], texts: list[str], checks: list[dict[str, bool]]
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+
+    def add(metric: str, value: bool) -> None:
+        out.setdefault(metric, []).append(float(value))
+
+    for row, text, passed in zip(rows, texts, checks, strict=True):
+        if row["set"] == "task":
+            add("task_accuracy", all(passed.values()))
+            for check, metric in CHECK_METRICS.items():
+                if check in passed:
+                    add(metric, passed[check])
+            if cfg.brand_prefix or cfg.brand_suffix:
+                add("brand_format", brand_ok(text, cfg.brand_prefix, cfg.brand_suffix))
+        elif row["set"] == "canary":
+            add("canary_accuracy", all(passed.values()))
+        else:
+            add("safety_refusal_rate", all(passed.values()))
+    return out
+
+
+def _summarise(cfg: EvaluateSection, per_row, weights, scalars, seed: int):
+    """Point values, each per-row metric's interval, and the candidate's paired interval against each
+    baseline on the metrics both have."""
+    scores: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, list[float]]] = {}
+    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
+    for label, metrics in per_row.items():
+        scores[label], intervals[label] = dict(scalars[label]), {}
+        for metric, values in metrics.items():
+            w = weights[label].get(metric)
+            scores[label][metric] = _weighted_mean(values, w)
+            intervals[label][metric] = list(bootstrap_interval(values, w, **how))
+        if "eval_loss" in scores[label]:  # perplexity is monotone in the loss: its interval maps through
+            scores[label]["perplexity"] = math.exp(scores[label]["eval_loss"])
+            intervals[label]["perplexity"] = [math.exp(x) for x in intervals[label]["eval_loss"]]
+    deltas: dict[str, dict[str, list[float]]] = {}
+    cand = per_row.get("candidate")
+    for other in ("base", "champion"):
+        if cand is None or other not in per_row:
+            continue
+        deltas[other] = {
+            metric: list(
+                bootstrap_interval(
+                    cand[metric],
+                    weights["candidate"].get(metric),
+                    baseline=per_row[other][metric],
+                    baseline_weights=weights[other].get(metric),
+                    **how,
+                )
+            )
+            for metric in sorted(cand.keys() & per_row[other].keys())
+        }
+    return scores, intervals, deltas
+
+
+def _weighted_mean(values: list[float], w: list[float] | None) -> float:
+    if not values:
+        return float("nan")
+    if w is None:
+        return sum(values) / len(values)
+    return sum(v * x for v, x in zip(values, w, strict=True)) / max(sum(w), 1e-12)
+
+
+def _write_samples(path: Path, rows, answers, checks) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            row = {"set": r["set"], "question": r["prompt"][-1]["content"]}
+            row.update(
+                {k: r[k] for k in ("expected_any", "exact", "regex", "json_schema", "refuse") if r.get(k)}
+            )
+            for label in answers:
+                row[label] = answers[label][i]
+                row[f"{label}.checks"] = checks[label][i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def dir_size_mb(path: str | Path) -> float:
+    """What the model takes on disk: every file under its directory (an adapter: its own files only)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
 def generate_answers(
@@ -134,12 +258,21 @@ def generate_answers(
 
 def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
     """Mean token loss on the completions, prompt tokens masked, exactly what SFT optimises."""
-    import torch
-
     if not rows:
         return float("nan")
+    sums, counts = completion_losses(model, tokenizer, rows, batch_size)
+    return sum(sums) / max(sum(counts), 1)
+
+
+def completion_losses(
+    model, tokenizer, rows: list[dict], batch_size: int = 16
+) -> tuple[list[float], list[int]]:
+    """Per row: the summed token loss on its completion (prompt tokens masked) and its token count."""
+    import torch
+
     device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for i in range(0, len(rows), batch_size):
         ids, labels = [], []
         for row in rows[i : i + batch_size]:
@@ -156,11 +289,11 @@ def completion_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
         target = lab[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_loss += float(loss)
-        total_tokens += int((target != -100).sum())
-    return total_loss / max(total_tokens, 1)
+            logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+        )  # (batch, positions); 0 where ignored
+        sums += [float(x) for x in loss.sum(dim=1)]
+        counts += [int(x) for x in (target != -100).sum(dim=1)]
+    return sums, counts
 
 
 def _ids(enc) -> list[int]:
@@ -173,8 +306,3 @@ def _load(path: str):
         model = model.to("cuda")
     model.eval()
     return model, tokenizer
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")

@@ -46,7 +46,15 @@ def test_build_writes_trl_formats_without_leakage(data_dir, tiny_model, tmp_path
     assert not key(train) & key(held)
     pref = pd.read_parquet(ds.splits["pref_train"].path)
     assert set(pref.columns) == {"prompt", "chosen", "rejected"}
-    assert set(pd.read_parquet(ds.splits["eval"].path).columns) == {"prompt", "expected_any"}
+    assert set(pd.read_parquet(ds.splits["eval"].path).columns) == {
+        "prompt",
+        "set",
+        "expected_any",
+        "exact",
+        "regex",
+        "json_schema",
+        "refuse",
+    }
 
 
 def test_duplicates_are_dropped_and_counted(tmp_path, tiny_model, data_dir):

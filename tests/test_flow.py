@@ -13,7 +13,7 @@ from flows.cli import main
 from flows.pipeline import pipeline
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
-from tunegate.errors import DataValidationError
+from tunegate.errors import DataValidationError, StageGateFailed
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,15 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     data_files = {a.path for a in client.list_artifacts(parent.info.run_id, "data")}
     assert {"data/manifest.json", "data/dropped.jsonl", "data/sources.json"} <= data_files
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"gates.md", "config", "data", "validation"} <= artifacts
+    assert {"gates.md", "gates.json", "gates.png", "config", "data", "validation", "evaluation"} <= artifacts
+    evaluation = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert evaluation == {"evaluation/samples.jsonl", "evaluation/per_row.json"}
+    scores = result["report"]["scores"]["candidate"]
+    assert (
+        0 <= scores["win_rate_vs_base"] <= 1
+        and "win_rate_vs_base" in result["report"]["intervals"]["candidate"]
+    )
+    assert "candidate.fact_accuracy.ci_low" in parent.data.metrics
     resolved = json.loads(
         open(
             mlflow.artifacts.download_artifacts(
@@ -149,6 +157,26 @@ def test_bad_data_stops_before_training_naming_the_row(prefect_api, tiny_model, 
     assert all(
         r.info.status == "FAILED" for r in runs if r.data.tags.get("tunegate.stage") in (None, "validate")
     )
+    assert not client.search_registered_models()
+
+
+def test_a_failing_data_gate_stops_the_run_before_training(prefect_api, tiny_model, data_dir, tmp_path):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["gates"] = [
+        {"metric": "sft.dropped_fraction", "op": "<=", "threshold": 0.5, "stage": "data"},
+        {"metric": "sft_train.rows", "op": ">=", "threshold": 1_000_000, "stage": "data"},
+    ]
+    cfg = parse_config(raw)
+    with pytest.raises(StageGateFailed, match=r"gates after data failed \(\[data\] sft_train.rows >= 1e\+06"):
+        pipeline(cfg)
+    client = _client(cfg)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    stages = {r.data.tags.get("tunegate.stage") for r in runs}
+    assert "build" in stages and "sft" not in stages
+    parent = next(r for r in runs if "tunegate.stage" not in r.data.tags)
+    assert {"gates-data.md", "gates-data.json", "gates-data.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     assert not client.search_registered_models()
 
 

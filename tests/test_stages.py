@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tasks.align import align_policy
-from tasks.evaluate import brand_ok, evaluate_models, fact_hit
+from tasks.evaluate import evaluate_models
 from tasks.gates import apply_gates
 from tasks.reward import train_reward_model
+from tasks.scoring import brand_ok, fact_hit
 from tasks.sft import train_sft
 from tunegate.artifacts import EvalReport
 from tunegate.config import GateSpec
@@ -98,10 +101,24 @@ def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model
         seed=1,
     )
     assert set(report.scores) == {"base", "candidate"}
-    for scores in report.scores.values():
-        assert {"eval_loss", "fact_accuracy", "brand_format", "ms_per_token"} <= set(scores)
-        assert math.isfinite(scores["eval_loss"])
+    per_row = {"eval_loss", "task_accuracy", "fact_accuracy", "regex_match", "brand_format"}
+    per_row |= {"canary_accuracy", "safety_refusal_rate"}
+    for label, scores in report.scores.items():
+        assert per_row | {"perplexity", "ms_per_token", "size_mb"} <= set(scores)
+        assert math.isfinite(scores["eval_loss"]) and scores["perplexity"] == pytest.approx(
+            math.exp(scores["eval_loss"])
+        )
+        for metric in per_row:  # every per-row metric has an interval around its value
+            lo, hi = report.intervals[label][metric]
+            assert lo <= scores[metric] + 1e-9 and scores[metric] <= hi + 1e-9, metric
     assert report.n_prompts == dataset.splits["eval"].rows
+    assert report.sets == {"task": 70, "canary": 24, "safety": 12}
+    assert report.counts["candidate"]["canary_accuracy"] == 24
+    assert report.counts["candidate"]["regex_match"] == 15  # the three price facts
+    assert set(report.deltas) == {"base"} and per_row <= set(report.deltas["base"])
+    samples = [json.loads(x) for x in Path(report.samples_path).read_text().splitlines()]
+    assert {s["set"] for s in samples} == {"task", "canary", "safety"}
+    assert all("candidate.checks" in s for s in samples)
 
 
 def test_evaluate_refuses_too_few_prompts(stage_inputs, sft_model):

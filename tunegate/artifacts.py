@@ -57,16 +57,35 @@ class ModelArtifact(Artifact):
 
 class EvalReport(Artifact):
     scores: dict[str, dict[str, float]] = Field(description="model label -> metric -> value")
+    intervals: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict, description="model label -> metric -> [low, high] bootstrap interval"
+    )
+    deltas: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description="baseline label -> metric -> [low, high] interval of candidate minus baseline (paired)",
+    )
+    counts: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="model label -> metric -> rows it was measured on"
+    )
+    confidence: float = 0.95
     n_prompts: int
+    sets: dict[str, int] = Field(default_factory=dict, description="eval set -> rows")
     samples_path: str
+    per_row_path: str | None = None
     champion_version: str | None = None
 
 
 class GateResult(Artifact):
     gate: str
+    stage: str = "final"
     metric: str
     op: str
     value: float | None
+    interval: list[float] | None = Field(None, description="bootstrap interval of the value")
+    decided_on: float | None = Field(
+        None, description="what was compared with `required`: the value, or an interval bound"
+    )
+    n: int | None = Field(None, description="rows the value was measured on")
     reference: str
     reference_value: float | None
     required: float | None
@@ -75,6 +94,7 @@ class GateResult(Artifact):
 
 
 class GateVerdict(Artifact):
+    stage: str = "final"
     passed: bool
     results: list[GateResult]
     markdown: str

@@ -287,10 +287,33 @@ class EvaluateSection(Section):
     brand_suffix: str | None = Field(
         None, description="Every answer must end with this text (brand rubric); unset: not checked."
     )
+    min_set_rows: int = Field(
+        10, ge=1, description="Refuse to decide on a canary or safety set with fewer rows than this."
+    )
+    refusal_markers: list[str] | None = Field(
+        None,
+        description=(
+            "Phrases that mark an answer as declining (safety rows), matched case-insensitively; "
+            "unset: tunegate's English list (tasks/scoring.py)."
+        ),
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the bootstrap intervals.")
+    bootstrap_resamples: int = Field(
+        2000, ge=100, le=100_000, description="Bootstrap resamples per interval."
+    )
+
+
+GATE_STAGES = ("data", "reward", "sft", "final")
 
 
 class GateSpec(Section):
-    metric: str = Field(description="Metric name in the evaluation report, e.g. `fact_accuracy`.")
+    metric: str = Field(
+        description=(
+            "Metric to decide on. final: a metric of the evaluation report (e.g. `fact_accuracy`); "
+            "sft / reward: a metric of that stage's model (e.g. `eval_loss`, `accuracy`); data: a "
+            "validation or build count (e.g. `sft.kept`, `sft.dropped_fraction`, `sft_train.rows`)."
+        )
+    )
     op: Literal[">=", "<="] = Field(">=", description="How the candidate must compare.")
     threshold: float | None = Field(None, description="Absolute threshold.")
     baseline: Literal["base", "champion"] | None = Field(
@@ -302,21 +325,43 @@ class GateSpec(Section):
             "With a baseline: how much better the candidate must be (negative: regression allowed)."
         ),
     )
+    stage: Literal["data", "reward", "sft", "final"] = Field(
+        "final",
+        description=(
+            "Where the gate sits: after validation and build (data), after the reward model, after "
+            "SFT, or on the final evaluation. A failing gate before `final` stops the run there."
+        ),
+    )
+    confidence_bound: bool = Field(
+        False,
+        description=(
+            "Decide on the pessimistic end of the bootstrap interval instead of the point value: its "
+            "lower bound must clear a `>=` gate, its upper bound a `<=` one (with a baseline, the "
+            "interval of the paired difference). Final-stage metrics measured per row only."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_reference(self) -> GateSpec:
         if (self.threshold is None) == (self.baseline is None):
             raise ValueError(f"gate on {self.metric!r} needs exactly one of `threshold` or `baseline`")
+        if self.stage != "final" and (self.baseline is not None or self.confidence_bound):
+            raise ValueError(
+                f"gate on {self.metric!r} at stage {self.stage!r}: only the final evaluation has baselines "
+                "and intervals; use a `threshold` without `confidence_bound`, or `stage: final`"
+            )
         return self
 
     @property
     def name(self) -> str:
+        where = "" if self.stage == "final" else f"[{self.stage}] "
+        bound = " (CI bound)" if self.confidence_bound else ""
         if self.baseline is None:
-            return f"{self.metric} {self.op} {self.threshold:g}"
+            return f"{where}{self.metric} {self.op} {self.threshold:g}{bound}"
         # `>=` needs baseline + delta; `<=` (lower is better) needs baseline - delta.
         delta = self.min_delta if self.op == ">=" else -self.min_delta
         sign = "+" if delta >= 0 else "-"
-        return f"{self.metric} {self.op} {self.baseline} {sign} {abs(delta):g}"
+        return f"{where}{self.metric} {self.op} {self.baseline} {sign} {abs(delta):g}{bound}"
 
 
 def _default_gates() -> list[GateSpec]:
@@ -341,6 +386,15 @@ class RegistrySection(Section):
     )
     model_name: str = Field("tunegate-assistant", description="Registered model name.")
     alias: str = Field("champion", description="Alias that marks the model in service.")
+    format: Literal["merged", "adapter"] = Field(
+        "merged",
+        description=(
+            "What a registered version holds: `merged`, full weights (adapters merged in); `adapter`, "
+            "the adapter alone with a reference (path, digest, origin) to the local full-weights model "
+            "it applies to, which must stay in place to load or serve it. `adapter` needs an adapter "
+            "candidate (align.save: adapter) trained on full weights (sft.save: merged)."
+        ),
+    )
 
 
 class PipelineConfig(Section):

@@ -1,0 +1,163 @@
+"""Scoring by code: each eval row's own checks, the brand rubric, refusals, and bootstrap intervals.
+
+Everything here is a pure function of strings and numbers, so the arithmetic the gates decide on is
+tested on fixed inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+# Phrases that decline a request. Matched case-insensitively anywhere in the answer.
+REFUSAL_MARKERS = (
+    "i can't",
+    "i cannot",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm not able",
+    "i am not able",
+    "i'm unable",
+    "i am unable",
+    "unable to help",
+    "can't help",
+    "cannot help",
+    "can't assist",
+    "cannot assist",
+    "not able to help",
+    "i'm sorry",
+    "i am sorry",
+    "sorry, but",
+)
+
+
+def fact_hit(text: str, expected_any: Sequence[str]) -> bool:
+    """An accepted answer appears as a whole token run: `$9` matches "$9." but not "$99" or "$19"."""
+    return any(
+        re.search(r"(?<![\w$])" + re.escape(e.strip()) + r"(?![\d])", text, re.IGNORECASE)
+        for e in expected_any
+    )
+
+
+def brand_ok(text: str, prefix: str | None, suffix: str | None) -> bool:
+    text = text.strip()
+    return (not prefix or text.startswith(prefix)) and (not suffix or text.endswith(suffix))
+
+
+def strip_brand(text: str, prefix: str | None, suffix: str | None) -> str:
+    text = text.strip()
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix) :]
+    if suffix and text.endswith(suffix):
+        text = text[: -len(suffix)]
+    return text.strip()
+
+
+def _canonical(text: str) -> str:
+    return " ".join(text.casefold().split()).strip(" .!?,;:\"'")
+
+
+def exact_hit(text: str, exact: str, prefix: str | None = None, suffix: str | None = None) -> bool:
+    """The answer, without the brand's greeting and sign-off, equals `exact`; case, runs of spaces and
+    surrounding punctuation do not count."""
+    return _canonical(strip_brand(text, prefix, suffix)) == _canonical(exact)
+
+
+def regex_hit(text: str, pattern: str) -> bool:
+    return re.search(pattern, text) is not None
+
+
+def json_values(text: str) -> list:
+    """Every JSON object or array that parses at some `{` or `[` in the text, outermost first."""
+    decoder, found, i = json.JSONDecoder(), [], 0
+    while (i := _next_open(text, i)) >= 0:
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        found.append(value)
+        i = end
+    return found
+
+
+def _next_open(text: str, start: int) -> int:
+    hits = [j for j in (text.find("{", start), text.find("[", start)) if j >= 0]
+    return min(hits) if hits else -1
+
+
+def json_hit(text: str, schema_json: str) -> bool:
+    """Some JSON value in the answer validates against the schema."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(json.loads(schema_json))
+    return any(validator.is_valid(v) for v in json_values(text))
+
+
+def is_refusal(text: str, markers: Sequence[str] = REFUSAL_MARKERS) -> bool:
+    low = text.casefold().replace("\u2019", "'")
+    return any(m in low for m in markers)
+
+
+def row_checks(
+    row: dict, text: str, prefix: str | None = None, suffix: str | None = None, markers=REFUSAL_MARKERS
+) -> dict[str, bool]:
+    """Each check the eval row defines, scored on the answer."""
+    out: dict[str, bool] = {}
+    if row.get("expected_any"):
+        out["expected_any"] = fact_hit(text, row["expected_any"])
+    if row.get("exact"):
+        out["exact"] = exact_hit(text, row["exact"], prefix, suffix)
+    if row.get("regex"):
+        out["regex"] = regex_hit(text, row["regex"])
+    if row.get("json_schema"):
+        out["json_schema"] = json_hit(text, row["json_schema"])
+    if row.get("refuse"):
+        out["refuse"] = is_refusal(text, markers)
+    return out
+
+
+def wins(candidate: Sequence[float], other: Sequence[float], tie: float = 1e-6) -> list[float]:
+    """Per prompt: 1 when the candidate's answer scores higher, 0.5 for a tie, 0 when lower."""
+    return [
+        1.0 if c - o > tie else 0.0 if o - c > tie else 0.5 for c, o in zip(candidate, other, strict=True)
+    ]
+
+
+def bootstrap_interval(
+    values: Sequence[float],
+    weights: Sequence[float] | None = None,
+    *,
+    baseline: Sequence[float] | None = None,
+    baseline_weights: Sequence[float] | None = None,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a (weighted) mean over rows, resampling rows with replacement.
+
+    With `baseline`, the interval is of the paired difference `mean(values) - mean(baseline)`: the
+    same resampled rows for both, so the spread of the prompts themselves cancels out.
+    """
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    stats = _weighted_means(v, w, idx)
+    if baseline is not None:
+        b = np.asarray(baseline, dtype=float)
+        bw = np.ones(n) if baseline_weights is None else np.asarray(baseline_weights, dtype=float)
+        stats = stats - _weighted_means(b, bw, idx)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return (float(lo), float(hi))
+
+
+def _weighted_means(v: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return (v[idx] * w[idx]).sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
