@@ -181,6 +181,8 @@ def verdict_chart(verdict: GateVerdict, path: Path) -> Path:
             if r.interval is not None:
                 ax.plot(r.interval, [0, 0], color=color, linewidth=3, alpha=0.4)
             ax.plot([r.value], [0], "o", color=color)
+        if r.decided_on is not None and r.decided_on != r.value:  # an interval bound decided
+            ax.plot([r.decided_on], [0], "x", color=color, markersize=9)
         if r.reference_value is not None:
             ax.plot([r.reference_value], [0], "s", color="tab:gray", label=r.reference)
         if r.required is not None:
@@ -198,7 +200,7 @@ def verdict_chart(verdict: GateVerdict, path: Path) -> Path:
     title = "Gate verdict" if verdict.stage == "final" else f"Gate verdict after {verdict.stage}"
     fig.suptitle(
         f"{title}: {'PASS' if verdict.passed else 'FAIL'}  (dot: value, bar: interval, "
-        "square: baseline, dashed: required)",
+        "x: bound decided on, square: baseline, dashed: required)",
         fontsize=9,
     )
     fig.tight_layout()

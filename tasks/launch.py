@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         artifact = stage_function(spec["stage"])(*args, **kwargs)
     except errors.TunegateError as exc:
         # every rank reports: the launcher may stop the main process as soon as another rank exits
-        outcome = {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)}
+        outcome = {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "problems": getattr(exc, "problems", None),
+        }
         _write_atomic(result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}.json"), outcome)
         return 1
     if rank == 0:

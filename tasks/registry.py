@@ -7,6 +7,13 @@ compared against (compare-and-set). The old champion becomes `previous`. Anythin
 promoted, with the reason, and the champion untouched. A failing candidate is logged as a model in the
 run (for audit) but never registered. `rollback` puts `previous` back.
 
+What a version holds follows `registry.format`: full weights (`merged`), or the adapter alone with a
+reference to the local full-weights model it applies to (`adapter`; MLflow's `base_model_path`), so
+the artifact is adapter-sized and `mlflow.transformers.load_model` applies it on load. Every logged
+model, registered or kept for audit, carries a generated model card (README.md in its artifacts, and
+the registered version's description), and serves with `mlflow models serve`: a request is a user
+message, the chat template is applied, and the answer alone comes back.
+
 The lock is passed in (`lock`, a factory of context managers): the flow supplies a file lock beside
 a local store or a Prefect global concurrency limit for a remote tracking server
 (`flows/locks.py`), so two runs finishing together cannot both promote. Without one, only a local
@@ -16,15 +23,19 @@ store's file lock is available here; orchestration stays out of this layer.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tasks.model_card import description, model_card
+from tasks.training import BASE_REF, is_adapter
 from tunegate.artifacts import GateVerdict, ModelArtifact, Registration
 from tunegate.config import RegistrySection
-from tunegate.errors import PromotionError
+from tunegate.errors import ConfigError, PromotionError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +72,10 @@ def fetch_champion(cfg: RegistrySection, champion: Champion, out_dir: Path) -> P
         f"models:/{cfg.model_name}/{champion.version}", return_type="components"
     )
     target.mkdir(parents=True, exist_ok=True)
-    components["model"].save_pretrained(target)
+    model = components["model"]
+    if hasattr(model, "merge_and_unload"):  # an adapter version: evaluation wants one plain model
+        model = model.merge_and_unload()
+    model.save_pretrained(target)
     components["tokenizer"].save_pretrained(target)
     return target
 
@@ -76,15 +90,24 @@ def register_candidate(
     smoke_prompt: list[dict] | None = None,
     lock: Lock | None = None,
 ) -> Registration:
-    """Log the candidate in the active MLflow run; if its verdict passed, register and promote it.
+    """Log the candidate, with its model card, in the active MLflow run; if its verdict passed,
+    register and promote it.
 
     Never raises for a lost race or a failed smoke test: the Registration says why it was not promoted.
+
+    Raises:
+        ConfigError: `registry.format: adapter` with a candidate that is not an adapter on full weights.
+        PromotionError: the adapter's base model directory is gone, or no promotion lock for a remote store.
     """
     import mlflow
 
+    # Both checks come before anything is written: nothing half-logged on a config mistake.
+    base = adapter_base(candidate) if cfg.format == "adapter" else None
     if verdict.passed:
-        lock = lock or local_promotion_lock(cfg)  # before anything is written: a remote store needs one
-    info = _log_model(candidate)
+        lock = lock or local_promotion_lock(cfg)  # a remote store needs one from the flow
+    stages, data = _lineage(cfg, candidate, tags)
+    card = model_card(cfg, candidate, verdict, tags, adapter_base=base, stages=stages, data=data)
+    info = _log_model(cfg, candidate, base, card)
     if not verdict.passed:
         failed = ", ".join(r.gate for r in verdict.results if not r.passed)
         mlflow.set_tag("tunegate.audit_model_uri", info.model_uri)
@@ -94,8 +117,9 @@ def register_candidate(
             reason=f"gates failed: {failed}; the candidate is logged for audit ({info.model_uri}), not registered",
         )
     client = _client(cfg)
-    mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+    mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **_format_tags(cfg, base)})
     version = str(mv.version)
+    client.update_model_version(cfg.model_name, version, description=description(card))
     with lock():
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         problem = smoke_test(cfg, smoke_prompt)
@@ -154,6 +178,100 @@ def smoke_test(cfg: RegistrySection, prompt: list[dict] | None) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure to load or generate is the finding
         return f"{type(exc).__name__}: {exc}"[:300]
     return None if out.shape[1] > enc["input_ids"].shape[1] else "it generated no tokens"
+
+
+def adapter_base(candidate: ModelArtifact) -> ModelArtifact:
+    """The full-weights model the candidate adapter applies to, from its `tunegate_base.json`.
+
+    Raises:
+        ConfigError: the candidate is not an adapter, or its base is itself an adapter.
+        PromotionError: the base model's directory is no longer there.
+    """
+    path = Path(candidate.path)
+    if not is_adapter(path):
+        raise ConfigError(
+            [
+                f"registry.format=adapter needs an adapter candidate, but {path} holds full weights; set "
+                "align.save: adapter (with align.mode lora, dora or qlora), or registry.format: merged"
+            ]
+        )
+    if not (path / BASE_REF).exists():
+        raise ConfigError(
+            [f"registry.format=adapter: {path} has no {BASE_REF}, so the model it applies to is unknown"]
+        )
+    base = ModelArtifact.model_validate(json.loads((path / BASE_REF).read_text(encoding="utf-8")))
+    if is_adapter(base.path):
+        fix = f"set {base.role}.save: merged" if base.role in ("sft", "align") else "use full weights"
+        raise ConfigError(
+            [
+                f"registry.format=adapter: the candidate adapter was trained on {base.path}, itself an "
+                f"adapter, and MLflow can reference only a full-weights base; {fix}, or registry.format: "
+                "merged"
+            ]
+        )
+    if not (Path(base.path) / "config.json").is_file():
+        raise PromotionError(
+            f"the adapter's base model {base.path} (digest {base.digest[:16]}) is gone; it must stay in "
+            "place for the adapter to load, so this candidate cannot be registered as an adapter"
+        )
+    return base
+
+
+def _format_tags(cfg: RegistrySection, base: ModelArtifact | None) -> dict[str, str]:
+    tags = {"tunegate.format": cfg.format}
+    if base is not None:
+        tags |= {
+            "tunegate.adapter_base.path": base.path,
+            "tunegate.adapter_base.digest": base.digest,
+            "tunegate.adapter_base.origin": base.base_model,
+            "tunegate.adapter_base.role": base.role,
+        }
+    return tags
+
+
+_STAGES = ("base-model", "sft", "reward-model", "align")
+
+
+def _lineage(
+    cfg: RegistrySection, candidate: ModelArtifact, tags: dict[str, str]
+) -> tuple[list[ModelArtifact], dict[str, int] | None]:
+    """The models that led to the candidate, first stage first, and the rows of each dataset split:
+    from the pipeline run's stage records and dataset inputs when `tags` names that run, else the
+    candidate's own chain of base references (and no data)."""
+    parent = tags.get("tunegate.parent_run_id")
+    if not parent:
+        return _base_chain(candidate), None
+    client = _client(cfg)
+    run = client.get_run(parent)
+    data = {}
+    for d in run.inputs.dataset_inputs if run.inputs else []:
+        rows = next((t.value for t in d.tags if t.key == "rows"), None)
+        if rows is not None:
+            data[d.dataset.name] = int(rows)
+    children = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    stages = []
+    for child in children:
+        if child.data.tags.get("tunegate.stage") not in _STAGES:
+            continue
+        if "record.json" not in {f.path for f in client.list_artifacts(child.info.run_id)}:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            record = Path(client.download_artifacts(child.info.run_id, "record.json", tmp))
+            stages.append(ModelArtifact.model_validate_json(record.read_text(encoding="utf-8")))
+    if not stages or stages[-1].digest != candidate.digest:
+        stages.append(candidate)
+    return stages, data or None
+
+
+def _base_chain(candidate: ModelArtifact) -> list[ModelArtifact]:
+    chain = [candidate]
+    while (ref := Path(chain[-1].path) / BASE_REF).exists():
+        chain.append(ModelArtifact.model_validate_json(ref.read_text(encoding="utf-8")))
+    return chain[::-1]
 
 
 def rollback(cfg: RegistrySection, lock: Lock | None = None) -> Registration:
@@ -216,8 +334,8 @@ def store_setup_lock(cfg: RegistrySection, timeout_s: float = 300) -> Iterator[N
 
 def local_store(cfg: RegistrySection) -> Path | None:
     parsed = urlparse(cfg.tracking_uri)
-    if parsed.scheme == "sqlite":
-        return Path(parsed.path)
+    if parsed.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy's form)
+        return Path(cfg.tracking_uri.removeprefix("sqlite:///"))
     if parsed.scheme in ("file", ""):
         return Path(parsed.path if parsed.scheme else cfg.tracking_uri)
     return None
@@ -243,30 +361,83 @@ def _client(cfg: RegistrySection):
     return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
 
 
-def _log_model(candidate: ModelArtifact):
-    """The candidate as an MLflow transformers model in the active run."""
+def _log_model(cfg: RegistrySection, candidate: ModelArtifact, base: ModelArtifact | None, card: str):
+    """The candidate as an MLflow transformers model in the active run, its card as README.md."""
     import mlflow
+    from huggingface_hub import ModelCard
     from transformers import AutoTokenizer
-
-    from tasks.training import load_causal_lm
 
     # Components, not the checkpoint path: MLflow's local-checkpoint path breaks on transformers 5's
     # lazily named pipeline classes (flavor_config reads `impl.__name__` from a string).
-    model, _ = load_causal_lm(candidate.path)
-    components = {"model": model, "tokenizer": AutoTokenizer.from_pretrained(candidate.path)}
-    return mlflow.transformers.log_model(
-        transformers_model=components,
+    tokenizer = AutoTokenizer.from_pretrained(candidate.path)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": _load_for_logging(candidate, base), "tokenizer": tokenizer},
         task="text-generation",
         name="model",
-        pip_requirements=_requirements(),
-        tags={"tunegate.digest": candidate.digest},
+        pip_requirements=_requirements(adapter=base is not None),
+        # A card of our own also keeps MLflow from asking the Hugging Face Hub for one.
+        model_card=ModelCard(card),
+        prompt_template=_chat_prompt_template(tokenizer),
+        signature=_serving_signature(),
+        base_model_path=base.path if base else None,
+        tags={"tunegate.digest": candidate.digest, **_format_tags(cfg, base)},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        readme = Path(tmp) / "README.md"
+        readme.write_text(card, encoding="utf-8")
+        _client(cfg).log_model_artifact(info.model_id, str(readme))
+    return info
+
+
+def _load_for_logging(candidate: ModelArtifact, base: ModelArtifact | None):
+    """Merged weights (an adapter merged onto its base), or the adapter as a PeftModel on its base."""
+    from tasks.training import load_causal_lm, on_cuda
+
+    if base is None:
+        return load_causal_lm(candidate.path)[0]
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if on_cuda() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, attn_implementation="sdpa")
+    return PeftModel.from_pretrained(model, candidate.path)
+
+
+def _chat_prompt_template(tokenizer) -> str | None:
+    """The chat template around one user message, as MLflow's `{prompt}` template: a served request
+    is a user message, formatted as in training, evaluation and the smoke test."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "\x00tunegate-prompt\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    return text.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
+
+
+def _serving_signature():
+    """Text in, text out, with generation settings a request may override (`params`); without a
+    params schema MLflow's server drops them."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", 256),
+                ParamSpec("do_sample", "boolean", False),
+                ParamSpec("temperature", "double", 1.0),
+            ]
+        ),
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(adapter: bool = False) -> list[str]:
     from importlib.metadata import version
 
     # Inference would import torchvision to guess these, which has no CPU build here: name them.
-    return [
-        f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "accelerate", "safetensors")
-    ]
+    names = ("torch", "transformers", "accelerate", "safetensors", *(("peft",) if adapter else ()))
+    return [f"{p}=={version(p).split('+')[0]}" for p in names]

@@ -44,6 +44,22 @@ def test_gate_needs_exactly_one_reference():
         load_config(None, ['gates=[{"metric": "fact_accuracy", "op": ">="}]'])
 
 
+def test_an_adapter_registration_needs_an_adapter_on_full_weights():
+    with pytest.raises(ConfigError, match="set align.save=adapter"):
+        load_config(None, ["registry.format=adapter"])
+    with pytest.raises(ConfigError, match="set sft.save=merged"):
+        load_config(None, ["registry.format=adapter", "align.save=adapter", "sft.save=adapter"])
+    cfg = load_config(None, ["registry.format=adapter", "align.save=adapter"])
+    assert cfg.registry.format == "adapter"
+
+
+def test_stage_gates_take_thresholds_only():
+    cfg = load_config(None, ['gates=[{"metric": "eval_loss", "op": "<=", "threshold": 1, "stage": "sft"}]'])
+    assert cfg.gates[0].name == "[sft] eval_loss <= 1"
+    with pytest.raises(ConfigError, match="only the final evaluation has baselines"):
+        load_config(None, ['gates=[{"metric": "pair_accuracy", "baseline": "base", "stage": "reward"}]'])
+
+
 def test_bad_override_and_missing_file():
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["sft.max_steps"])

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.align import align_policy, check_guard
-from tasks.launch import launch, launch_command, main as launch_main
+from tasks.launch import launch, launch_command
+from tasks.launch import main as launch_main
 from tasks.reward import check_reward_model, length_bias
 from tasks.sft import train_sft
 from tasks.training import BASE_REF, load_causal_lm

@@ -427,11 +427,20 @@ class PipelineConfig(Section):
                 f"gates: {g.name!r} needs a reward model, and align.method=dpo trains none "
                 "(use grpo or rloo, or drop the gate)"
                 for g in self.gates
-                if g.metric == "reward_score"
+                if g.metric in ("reward_score", "win_rate_vs_base", "win_rate_vs_champion")
             ]
             if self.align.rule_rewards:
                 problems.append(
                     "align.rule_rewards: DPO trains offline on preference pairs; rule rewards need grpo or rloo"
+                )
+        if self.registry.format == "adapter":  # caught here, not after all the training
+            if self.align.save != "adapter":
+                problems.append(
+                    "registry.format=adapter registers the aligned adapter: set align.save=adapter"
+                )
+            if self.sft.save != "merged":
+                problems.append(
+                    "registry.format=adapter needs a full-weights model under the adapter: set sft.save=merged"
                 )
         if problems:
             raise ValueError("; ".join(problems))
