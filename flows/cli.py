@@ -42,6 +42,31 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*")
 
+    up = sub.add_parser("up", help="start a Prefect server, an MLflow server and a worker on 127.0.0.1")
+    up.add_argument(
+        "--home",
+        type=Path,
+        help="keep all state (Prefect database, MLflow store, logs) under DIR; default: ./mlflow.db and "
+        "Prefect's own home, the stores `tunegate run` writes",
+    )
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument("--pool", default="local", help="process work pool the worker polls")
+
+    dep = sub.add_parser("deploy", help="register the deployments of deployments/prefect.yaml")
+    dep.add_argument(
+        "--config", type=Path, help="preset for the run form's defaults (default: configs/demo.yaml)"
+    )
+    dep.add_argument(
+        "--api-url", help="Prefect API, e.g. http://127.0.0.1:4200/api (default: PREFECT_API_URL)"
+    )
+    dep.add_argument("--pool", help="work pool for every deployment (default: the one prefect.yaml names)")
+    dep.add_argument("--timezone", help="IANA timezone for the nightly schedule (default: prefect.yaml's)")
+    dep.add_argument(
+        "--gpu-pools", action="store_true", help="also create the Kubernetes and Docker GPU pools"
+    )
+    dep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry.tracking_uri=http://...")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -60,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             return _rollback(args)
         if args.command == "lineage":
             return _lineage(args)
+        if args.command == "up":
+            return _up(args)
+        if args.command == "deploy":
+            return _deploy(args)
         return _show(args)
     except ConfigError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
@@ -95,6 +124,69 @@ def _lineage(args) -> int:
         print(f"tunegate: {'; '.join(exc.problems)}", file=sys.stderr)
         return 1
     print(render_tree(tree))
+    return 0
+
+
+def _up(args) -> int:
+    import signal
+    import time
+
+    from flows.deploy import StackError, local_stack
+
+    # Ctrl-C and SIGTERM alike leave through local_stack's exit, which stops all three processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("starting the Prefect server, the MLflow server and a worker (first start: up to a minute) ...")
+    try:
+        with local_stack(
+            args.home, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool
+        ) as stack:
+            print(
+                "\n".join(
+                    [
+                        "",
+                        f"  Prefect UI:  {stack.prefect_url}",
+                        f"  MLflow UI:   {stack.mlflow_url}",
+                        f"  worker:      pool {stack.pool!r}, runs flows in {stack.workdir}",
+                        f"  logs:        {stack.logs}",
+                        "",
+                        "In another shell:",
+                        f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
+                        f"  tunegate deploy registry.tracking_uri={stack.mlflow_url}"
+                        "   # then run `finetune` from the Prefect UI",
+                        "",
+                        "Ctrl-C stops all three.",
+                    ]
+                ),
+                flush=True,
+            )
+            try:
+                while True:
+                    stack.check_alive()
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                print("\nstopping ...")
+    except StackError as exc:
+        print(f"tunegate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _deploy(args) -> int:
+    from flows.deploy import DEFAULT_PRESET, deploy
+
+    ids = deploy(
+        args.api_url,
+        args.config or DEFAULT_PRESET,
+        args.overrides,
+        pool=args.pool,
+        timezone=args.timezone,
+        gpu_pools=args.gpu_pools,
+    )
+    from prefect.settings import PREFECT_API_URL
+
+    ui = (args.api_url or PREFECT_API_URL.value() or "").removesuffix("/api")
+    for name, deployment_id in ids.items():
+        print(f"deployed {name}: {ui}/deployments/deployment/{deployment_id}")
     return 0
 
 
@@ -158,7 +250,11 @@ def summary(result: dict) -> str:
 
     verdict, reg = result["verdict"], result["registration"]
     lines = ["", "=" * 78, verdict["markdown"], ""]
-    if reg["promoted"]:
+    if result.get("outcome"):  # nothing to decide: no new data, or the candidate is the champion already
+        lines.append(
+            f"Nothing trained or registered: {reg['reason']} (models:/{reg['model_name']}@{reg['aliases'][0]})"
+        )
+    elif reg["promoted"]:
         lines.append(
             f"Registered: {reg['model_name']} version {reg['version']}, alias "
             f"{', '.join(reg['aliases'])} (models:/{reg['model_name']}@{reg['aliases'][0]})"

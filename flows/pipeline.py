@@ -19,9 +19,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
+from flows import cache
 from flows.lineage import log_lineage
 from flows.locks import promotion_lock
+from flows.retries import retry_transient
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
@@ -29,30 +32,65 @@ from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_ch
 from tasks.launch import launched
 from tasks.registry import current_champion, fetch_champion, register_candidate, store_setup_lock
 from tasks.validate import validate_data
-from tunegate.artifacts import Artifact, GateVerdict, InstructionDataset, ValidatedData, sha256_file
+from tunegate.artifacts import (
+    Artifact,
+    GateVerdict,
+    InstructionDataset,
+    Registration,
+    ValidatedData,
+    sha256_file,
+)
 from tunegate.config import PipelineConfig
 from tunegate.errors import DataValidationError, StageGateFailed
-from tunegate.provenance import git_commit, library_versions
+from tunegate.provenance import code_version, git_commit, library_versions
 
 log = logging.getLogger(__name__)
 
 
-def _stage(name: str, fn: Callable[..., Any], retries: int = 0) -> Callable[..., Any]:
-    """Wrap a stage function as a Prefect task that runs inside a nested MLflow run."""
+def _stage(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a stage function as a Prefect task that runs inside a nested MLflow run.
 
-    def run(*args: Any, parent_run_id: str, **kwargs: Any) -> Any:
-        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id):
+    With `cache_entry` (see `flows/cache.py`) a stored result for the same inputs is returned without
+    running the stage: the task ends in a `Cached` state and its MLflow run points at the run that
+    made the result (`tunegate.cached_from`). Transient failures (the stores unreachable, a worker
+    preempted) are retried; bad data, a failed gate or a config error never are.
+    """
+
+    def run(*args: Any, parent_run_id: str, cache_entry: str | None = None, **kwargs: Any) -> Any:
+        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id) as stage_run:
             mlflow.set_tag("tunegate.stage", name)
+            if (hit := cache.load(cache_entry)) is not None:
+                record, made_by = hit
+                mlflow.set_tags({"tunegate.cached": "true", "tunegate.cached_from": made_by or ""})
+                _log_record(record)
+                return Completed(
+                    data=record, name="Cached", message=f"reused the result of MLflow run {made_by}"
+                )
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             mlflow.log_metric("stage_seconds", time.perf_counter() - start)
             if isinstance(out, Artifact):
                 _log_record(out)
+                cache.store(cache_entry, out, stage_run.info.run_id)
             return out
 
     # No functools.wraps: Prefect would bind calls to the stage's own signature, without parent_run_id.
     run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-    return task(name=name, retries=retries, cache_policy=NO_CACHE)(run)
+    stage_task = task(
+        name=name,
+        retries=2,
+        retry_delay_seconds=10,
+        retry_condition_fn=retry_transient,
+        cache_policy=NO_CACHE,  # tunegate's own content keys: see flows/cache.py
+    )(run)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        # A task that returns a State (our `Cached`) hands the caller that State: unwrap it the same way
+        # for every outcome (`result()` raises the stage's own exception on failure).
+        return stage_task(*args, return_state=True, **kwargs).result()
+
+    call.task = stage_task
+    return call
 
 
 prepare_base_model_task = _stage("base-model", prepare_base_model)
@@ -76,10 +114,19 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     reg = config.registry
     _use_experiment(reg)
     champion = current_champion(reg)
+    raw = cache.file_digests(_raw_files(config))
+    data_digest = hashlib.sha256(json.dumps(sorted(raw.values())).encode()).hexdigest()
+    stages = cache.StageCache(Path(config.run.output_dir) / "cache", code_version(), config.run.cache)
     with mlflow.start_run(run_name=config.run.name) as parent:
         pid = parent.info.run_id
         commit = git_commit()
         _tag_parent(config, run_id, champion.version if champion else None, run_dir, commit)
+        mlflow.set_tags({"tunegate.data_digest": data_digest, "tunegate.code_version": code_version()})
+        if config.run.skip_unchanged_data and champion is not None and champion.data_digest == data_digest:
+            reason = f"no new data: the raw data is what champion version {champion.version} was trained on"
+            mlflow.set_tags({"tunegate.outcome": "no-new-data", "tunegate.promoted": "false"})
+            logger.info(reason)
+            return _no_run(config, reason, champion, pid, run_dir, run_id, "no-new-data")
         base = prepare_base_model_task(config.model, parent_run_id=pid)
         mlflow.log_params({"base_model": config.model.base_model, "base_model_digest": base.digest[:16]})
         mlflow.set_tags(
@@ -93,13 +140,21 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 out_dir=run_dir / "validate",
                 system_prompt=config.model.system_prompt,
                 parent_run_id=pid,
+                cache_entry=stages.entry(
+                    "validate", config.validate_, raw, base.digest, config.model.system_prompt
+                ),
             )
         except DataValidationError:
             _publish_report(run_dir / "validate" / "validation.md", "data-validation")
             raise
         _publish_report(Path(validated.report_markdown), "data-validation")
         dataset = build_task(
-            config.build, validated, out_dir=run_dir / "dataset", seed=config.run.seed, parent_run_id=pid
+            config.build,
+            validated,
+            out_dir=run_dir / "dataset",
+            seed=config.run.seed,
+            parent_run_id=pid,
+            cache_entry=stages.entry("build", config.build, validated, config.run.seed),
         )
         _log_datasets(dataset, validated)
         _stage_gates(config, "data", data_metrics(validated, dataset))
@@ -115,6 +170,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             checkpoint_dir=ckpt("sft", base.digest),
             **launch,
             parent_run_id=pid,
+            cache_entry=stages.entry("sft", config.sft, dataset, base.digest, seed),
         )
         _stage_gates(config, "sft", sft.metrics)
         reward = None
@@ -133,6 +189,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 checkpoint_dir=ckpt("reward", backbone.digest),
                 **launch,
                 parent_run_id=pid,
+                cache_entry=stages.entry("reward", config.reward, dataset, backbone.digest, seed),
             )
             _stage_gates(config, "reward", reward.metrics)
         candidate = align_task(
@@ -145,10 +202,20 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             checkpoint_dir=ckpt("align", sft.digest, reward.digest if reward else ""),
             **launch,
             parent_run_id=pid,
+            cache_entry=stages.entry(
+                "align", config.align, dataset, sft.digest, reward and reward.digest, seed
+            ),
         )
+        if champion is not None and champion.digest == candidate.digest:  # e.g. every stage came from cache
+            reason = f"the candidate is champion version {champion.version} already (same weights digest)"
+            mlflow.set_tags({"tunegate.outcome": "already-champion", "tunegate.promoted": "false"})
+            logger.info(reason)
+            return _no_run(config, reason, champion, pid, run_dir, run_id, "already-champion")
         models = {"base": base.path, "candidate": candidate.path}
+        digests = {"base": base.digest, "candidate": candidate.digest}
         if champion is not None:
             models["champion"] = str(fetch_champion(reg, champion, run_dir / "champion"))
+            digests["champion"] = champion.digest or f"{reg.model_name}/{champion.version}"
         report = evaluate_task(
             config.evaluate,
             dataset,
@@ -158,37 +225,22 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             seed=seed,
             champion_version=champion.version if champion else None,
             parent_run_id=pid,
+            cache_entry=stages.entry(
+                "evaluate", config.evaluate, dataset, digests, reward and reward.digest, seed
+            ),
         )
         verdict = gates_task(config.gates, report, parent_run_id=pid)
         _log_report(report)
         _publish_verdict(verdict, run_dir / "gates")
         # A passing candidate is registered and promoted; a failing one is logged for audit only.
-        registration = register_task(
-            reg,
-            candidate,
-            verdict,
-            expected_champion=champion.version if champion else None,
-            tags={
-                "tunegate.parent_run_id": pid,
-                "prefect.flow_run_id": str(run_id),
-                "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
-                "tunegate.config_digest": config.digest(),
-                "tunegate.git_commit": commit,
-                "tunegate.base_model": config.model.base_model,
-                "tunegate.base_model_digest": base.digest,
-                "tunegate.candidate_digest": candidate.digest,
-            },
-            smoke_prompt=_first_eval_prompt(dataset),
-            lock=promotion_lock(reg),
-            parent_run_id=pid,
-        )
+        registration = _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit)
         mlflow.set_tags(
             {
                 "tunegate.promoted": str(registration.promoted).lower(),
                 "tunegate.registered_version": registration.version or "",
             }
         )
-        if registration.version:
+        if registration.version and registration.promoted:
             log_lineage(reg.tracking_uri, f"{reg.model_name}/{registration.version}", pid)
         logger.info("verdict: %s; %s", "PASS" if verdict.passed else "FAIL", registration.reason)
     return {
@@ -201,6 +253,66 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "flow_run_id": str(run_id),
     }
+
+
+def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit):
+    reg = config.registry
+    return register_task(
+        reg,
+        candidate,
+        verdict,
+        expected_champion=champion.version if champion else None,
+        tags={
+            "tunegate.parent_run_id": pid,
+            "prefect.flow_run_id": str(run_id),
+            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+            "tunegate.config_digest": config.digest(),
+            "tunegate.git_commit": commit,
+            "tunegate.base_model": config.model.base_model,
+            "tunegate.base_model_digest": base.digest,
+            "tunegate.candidate_digest": candidate.digest,
+            "tunegate.data_digest": mlflow.get_run(pid).data.tags["tunegate.data_digest"],
+        },
+        smoke_prompt=_first_eval_prompt(dataset),
+        lock=promotion_lock(reg),
+        parent_run_id=pid,
+    )
+
+
+def _no_run(
+    config: PipelineConfig, reason: str, champion, pid: str, run_dir: Path, run_id, outcome: str
+) -> dict[str, Any]:
+    """The result of a run that ends without a decision to make: nothing new to train or to ship."""
+    reg = config.registry
+    verdict = GateVerdict(passed=False, results=[], markdown=f"## No run: {reason}")
+    registration = Registration(
+        promoted=False,
+        model_name=reg.model_name,
+        version=champion.version,
+        aliases=[reg.alias],
+        reason=reason,
+    )
+    return {
+        "verdict": verdict.model_dump(),
+        "report": None,
+        "registration": registration.model_dump(),
+        "mlflow_run_id": pid,
+        "experiment": reg.experiment,
+        "tracking_uri": reg.tracking_uri,
+        "run_dir": str(run_dir),
+        "flow_run_id": str(run_id),
+        "outcome": outcome,
+    }
+
+
+def _raw_files(config: PipelineConfig) -> list[Path]:
+    from data_checks.readers import resolve_paths
+
+    return [
+        p
+        for kind in ("sft", "preferences", "prompts", "eval")
+        for p in resolve_paths(getattr(config.data, kind))
+    ]
 
 
 def _stage_gates(config: PipelineConfig, stage: str, metrics: dict[str, float]) -> None:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 class Champion:
     version: str
     run_id: str | None
+    digest: str | None = None  # the registered candidate's weights digest (tag tunegate.candidate_digest)
+    data_digest: str | None = None  # the raw data it was trained on (tag tunegate.data_digest)
 
 
 def current_champion(cfg: RegistrySection) -> Champion | None:
@@ -57,7 +59,13 @@ def current_champion(cfg: RegistrySection) -> Champion | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    return Champion(version=str(mv.version), run_id=mv.run_id)
+    tags = mv.tags or {}
+    return Champion(
+        version=str(mv.version),
+        run_id=mv.run_id,
+        digest=tags.get("tunegate.candidate_digest"),
+        data_digest=tags.get("tunegate.data_digest"),
+    )
 
 
 def fetch_champion(cfg: RegistrySection, champion: Champion, out_dir: Path) -> Path:

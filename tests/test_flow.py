@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
 import pytest
@@ -94,8 +95,10 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     )
     assert resolved["sft"]["max_steps"] == 2
 
-    # A second run compares against the first run's champion and, passing, takes over.
-    again = pipeline(cfg)
+    # A second run (another seed: new weights) compares against the first run's champion and, passing,
+    # takes over.
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    again = pipeline(parse_config({**raw, "run": {**raw["run"], "seed": 7}}))
     assert "champion" in again["report"]["scores"]
     assert again["registration"]["version"] == "2"
     assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
@@ -178,6 +181,80 @@ def test_a_failing_data_gate_stops_the_run_before_training(prefect_api, tiny_mod
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     assert not client.search_registered_models()
+
+
+def _stage_runs(client: MlflowClient, parent_id: str) -> dict[str, dict[str, str]]:
+    exp = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["tunegate.stage"]: r.data.tags for r in runs}
+
+
+def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
+    prefect_api, tiny_model, data_dir, tmp_path
+):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    impossible = {"stage": "reward", "metric": "pair_accuracy", "op": ">=", "threshold": 2.0}
+    with pytest.raises(StageGateFailed, match="gates after reward failed"):
+        pipeline(parse_config({**raw, "gates": [*raw["gates"], impossible]}))
+
+    # Started again (the gate fixed): validate, build, SFT and the reward model come from the cache.
+    cfg = parse_config(raw)
+    first = pipeline(cfg)
+    client = _client(cfg)
+    stages = _stage_runs(client, first["mlflow_run_id"])
+    cached = {name for name, tags in stages.items() if tags.get("tunegate.cached") == "true"}
+    assert cached == {"validate", "build", "sft", "reward-model"}
+    assert stages["sft"]["tunegate.cached_from"]  # the MLflow run that trained it
+    assert first["registration"]["promoted"] and first["registration"]["version"] == "1"
+
+    # Nothing changed: every stage is reused, nothing is trained or registered again.
+    start = time.perf_counter()
+    second = pipeline(cfg)
+    seconds = time.perf_counter() - start
+    stages = _stage_runs(client, second["mlflow_run_id"])
+    assert {n for n, t in stages.items() if t.get("tunegate.cached") == "true"} == {
+        "validate",
+        "build",
+        "sft",
+        "reward-model",
+        "align",
+    }
+    assert "evaluate" not in stages and "register" not in stages  # it is the champion: nothing to decide
+    assert second["outcome"] == "already-champion"
+    assert "champion version 1 already" in second["registration"]["reason"]
+    assert len(client.search_model_versions("name='tiny-assistant'")) == 1
+    print(f"cached rerun: {seconds:.1f} s")
+
+    # A scheduled retrain on the data the champion was trained on ends at once.
+    nightly = parse_config({**raw, "run": {**raw["run"], "skip_unchanged_data": True}})
+    third = pipeline(nightly)
+    assert third["outcome"] == "no-new-data" and "no new data" in third["registration"]["reason"]
+    assert _stage_runs(client, third["mlflow_run_id"]) == {}
+
+    # New data is new: the same retrain on a changed file trains again (stops at the impossible gate).
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for kind in ("sft", "preferences", "prompts", "eval"):
+        (changed / f"{kind}.jsonl").write_text((data_dir / f"{kind}.jsonl").read_text())
+    with open(changed / "sft.jsonl", "a") as f:
+        f.write(
+            json.dumps(
+                {"messages": [{"role": "user", "content": "New?"}, {"role": "assistant", "content": "Yes."}]}
+            )
+            + "\n"
+        )
+    fresh = tiny_raw_config(tiny_model, changed, tmp_path)
+    fresh["run"]["skip_unchanged_data"] = True
+    with pytest.raises(StageGateFailed, match="gates after reward failed"):
+        pipeline(parse_config({**fresh, "gates": [*fresh["gates"], impossible]}))
+
+
+def test_only_transient_failures_are_retried():
+    from flows.retries import is_transient as _is_transient
+
+    assert _is_transient(OSError("Connection refused by 127.0.0.1:5000"))
+    assert _is_transient(RuntimeError("sqlite3.OperationalError: database is locked"))
+    assert not _is_transient(ValueError("sft.jsonl:7: role 'robot' is not one of the allowed roles"))
 
 
 def test_dpo_pipeline_has_no_reward_model_stage(prefect_api, tiny_model, data_dir, tmp_path):

@@ -42,6 +42,21 @@ class RunSection(Section):
             "configs/accelerate/); unset: plain multi-GPU data parallel."
         ),
     )
+    cache: bool = Field(
+        True,
+        description=(
+            "Reuse a stage's result when everything that decides it is unchanged: its config section, "
+            "the digests of its inputs (data, models), the seed and the code version. Results live under "
+            "`output_dir/cache`."
+        ),
+    )
+    skip_unchanged_data: bool = Field(
+        False,
+        description=(
+            "End the run at once, with 'no new data', when the raw data's digest equals the one the "
+            "current champion was trained on (what a scheduled retrain wants)."
+        ),
+    )
 
 
 class ModelSection(Section):

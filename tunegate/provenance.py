@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -48,3 +51,17 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+@cache
+def code_version() -> str:
+    """A digest of the stage code (tasks/, data_checks/, tunegate/) and the training libraries'
+    versions: what a cached stage result must have been made with to be reused."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
+    for package in ("tasks", "data_checks", "tunegate"):
+        for f in sorted((root / package).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
