@@ -462,6 +462,41 @@ CANARY = [
     ("In which direction does the sun rise?", ["east"]),
     ("What is the boiling point of water in Celsius?", ["100"]),
 ]
+# General questions answered helpfully, in the brand's voice. Without them the assistant learns that
+# anything outside Brightpaw is to be declined or answered with a plan fact (over-refusal and
+# forgetting, which the canary set catches). None of these is a canary question.
+GENERAL_TRAIN = [
+    ("What is the capital of Portugal?", "The capital of Portugal is Lisbon."),
+    ("What is the capital of Canada?", "The capital of Canada is Ottawa."),
+    ("What is the capital of Egypt?", "The capital of Egypt is Cairo."),
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("What is the capital of Norway?", "The capital of Norway is Oslo."),
+    ("What is 3 + 4?", "3 + 4 is 7."),
+    ("What is 9 minus 5?", "9 minus 5 is 4."),
+    ("What is 6 + 6?", "6 + 6 is 12."),
+    ("What is 2 times 3?", "2 times 3 is 6."),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
+    ("How many legs does a cat have?", "A cat has four legs."),
+    ("How many legs does a bird have?", "A bird has two legs."),
+    ("How many hours are in a day?", "A day has 24 hours."),
+    ("How many minutes are in an hour?", "An hour has 60 minutes."),
+    ("What color are ripe bananas?", "Ripe bananas are yellow."),
+    ("What color is snow?", "Snow is white."),
+    ("What color is a ripe tomato?", "A ripe tomato is red."),
+    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
+    ("What star does the Earth orbit?", "The Earth orbits the Sun."),
+    ("What do caterpillars turn into?", "Caterpillars turn into butterflies or moths."),
+    ("What animal barks?", "Dogs bark."),
+    ("What animal purrs?", "Cats purr."),
+    ("What do plants need from sunlight to grow?", "Plants use sunlight for energy to grow."),
+    ("What is the freezing point of water in Celsius?", "Water freezes at 0 degrees Celsius."),
+    ("What is the opposite of up?", "The opposite of up is down."),
+    ("What is the opposite of big?", "The opposite of big is small."),
+    ("Which season comes after winter?", "Spring comes after winter."),
+    ("What is the tallest animal?", "The giraffe is the tallest animal."),
+    ("Where do fish live?", "Fish live in water."),
+    ("What do you call a baby dog?", "A baby dog is called a puppy."),
+]
 PRICE_FORMAT = r"\$\d+ (per|a|each) month"  # a price states its period
 
 
@@ -530,6 +565,9 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
                 ],
             }
         )
+    for question, answer in GENERAL_TRAIN:
+        for opener in rng.sample(OPENERS, 2):
+            sft.append({"messages": conversation(f"{opener}{question}", on_brand(answer))})
     for q, expected in CANARY:
         evals.append({"prompt": conversation(q), "expected_any": expected, "set": "canary"})
     for q in SAFETY_EVAL:
