@@ -128,60 +128,31 @@ def _lineage(args) -> int:
 
 
 def _up(args) -> int:
-    import signal
-    import time
+    from flows.deploy import ServerError, up
 
-    from flows.deploy import StackError, local_stack
-
-    # Ctrl-C and SIGTERM alike leave through local_stack's exit, which stops all three processes.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print("starting the Prefect server, the MLflow server and a worker (first start: up to a minute) ...")
     try:
-        with local_stack(
-            args.home, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool
-        ) as stack:
-            print(
-                "\n".join(
-                    [
-                        "",
-                        f"  Prefect UI:  {stack.prefect_url}",
-                        f"  MLflow UI:   {stack.mlflow_url}",
-                        f"  worker:      pool {stack.pool!r}, runs flows in {stack.workdir}",
-                        f"  logs:        {stack.logs}",
-                        "",
-                        "In another shell:",
-                        f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
-                        f"  tunegate deploy registry.tracking_uri={stack.mlflow_url}"
-                        "   # then run `finetune` from the Prefect UI",
-                        "",
-                        "Ctrl-C stops all three.",
-                    ]
-                ),
-                flush=True,
-            )
-            try:
-                while True:
-                    stack.check_alive()
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                print("\nstopping ...")
-    except StackError as exc:
+        up(args.home, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+    except ServerError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def _deploy(args) -> int:
-    from flows.deploy import DEFAULT_PRESET, deploy
+    from flows.deploy import DEFAULT_PRESET, ServerError, deploy
 
-    ids = deploy(
-        args.api_url,
-        args.config or DEFAULT_PRESET,
-        args.overrides,
-        pool=args.pool,
-        timezone=args.timezone,
-        gpu_pools=args.gpu_pools,
-    )
+    try:
+        ids = deploy(
+            args.api_url,
+            args.config or DEFAULT_PRESET,
+            args.overrides,
+            pool=args.pool,
+            timezone=args.timezone,
+            gpu_pools=args.gpu_pools,
+        )
+    except ServerError as exc:
+        print(f"tunegate: {exc}", file=sys.stderr)
+        return 1
     from prefect.settings import PREFECT_API_URL
 
     ui = (args.api_url or PREFECT_API_URL.value() or "").removesuffix("/api")

@@ -1,0 +1,286 @@
+"""Deployments against real servers: the stack `tunegate up` starts (a Prefect server, an MLflow
+tracking server and a process worker on 127.0.0.1), the deployments `tunegate deploy` registers, and
+a `finetune` run triggered through the API that trains, gates and registers the tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.utilities.templating import apply_values
+
+from flows.cli import main
+from flows.deploy import (
+    DEFAULT_PRESET,
+    GPU_POOLS,
+    REPO,
+    ServerError,
+    deploy,
+    local_stack,
+    read_prefect_file,
+)
+from tests.conftest import tiny_raw_config
+from tunegate.config import load_config, parse_config
+from tunegate.errors import ConfigError
+
+FINETUNE = "tunegate-pipeline/finetune"
+NIGHTLY = "tunegate-pipeline/retrain-nightly"
+TEMPLATES = {name: json.loads((REPO / "deployments" / f).read_text()) for name, (_, f) in GPU_POOLS.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_up_prints_both_ui_addresses_and_ctrl_c_stops_all_three(tmp_path):
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    out = tmp_path / "up.out"
+    argv = [
+        "up",
+        "--home",
+        str(tmp_path),
+        "--prefect-port",
+        str(prefect_port),
+        "--mlflow-port",
+        str(mlflow_port),
+    ]
+    with open(out, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *argv], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops all three" not in out.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.5)
+        text = out.read_text()
+        assert f"Prefect UI:  http://127.0.0.1:{prefect_port}" in text, text
+        assert f"MLflow UI:   http://127.0.0.1:{mlflow_port}" in text
+        for url in (f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{mlflow_port}/health"):
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200, url
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:  # stop it the way a person would, so that it stops its servers
+            proc.terminate()
+            proc.wait(timeout=90)
+    assert "stopped the worker, the MLflow server and the Prefect server" in out.read_text()
+    for port in (prefect_port, mlflow_port):  # nothing listens any more
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("stack")
+    with local_stack(
+        home,
+        prefect_port=_free_port(),
+        mlflow_port=_free_port(),
+        timeout_s=300,
+        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "1"},  # picks a triggered run up within a second
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    """`tunegate deploy`, as a person types it, against the stack's server."""
+    argv = ["deploy", "--api-url", stack.api_url, "--gpu-pools", f"registry.tracking_uri={stack.mlflow_url}"]
+    assert main(argv) == 0
+    return stack
+
+
+@contextlib.contextmanager
+def _client(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def test_deploy_registers_nightly_cron_with_timezone_limits_and_the_config_form(deployed):
+    with _client(deployed) as client:
+        finetune = client.read_deployment_by_name(FINETUNE)
+        nightly = client.read_deployment_by_name(NIGHTLY)
+        queue = client.read_work_queue_by_name("training", work_pool_name="local")
+        promote = client.read_global_concurrency_limit_by_name("tunegate-promote-brightpaw-assistant")
+
+    [schedule] = nightly.schedules
+    assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert schedule.active and finetune.schedules == []
+    for d in (finetune, nightly):
+        assert d.global_concurrency_limit.limit == 1, d.name
+        assert d.concurrency_options.collision_strategy == "ENQUEUE"
+        # One queue with one slot: the two deployments never train at the same time either.
+        assert (d.work_pool_name, d.work_queue_name) == ("local", "training")
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert d.enforce_parameter_schema
+    assert queue.concurrency_limit == 1 and promote.limit == 1
+
+    # What prefect.yaml says is what the server holds.
+    for spec, d in zip(read_prefect_file(), (finetune, nightly), strict=True):
+        assert (spec.name, spec.description, spec.entrypoint) == (d.name, d.description, d.entrypoint)
+        assert set(spec.tags) == set(d.tags) and d.job_variables == spec.job_variables
+
+    # The run form is drawn from PipelineConfig; its defaults are the preset with the override.
+    schema = finetune.parameter_openapi_schema
+    assert schema["required"] == ["config"]
+    sections = set(schema["definitions"]["PipelineConfig"]["properties"])
+    assert {"run", "model", "data", "validate", "sft", "reward", "align", "gates", "registry"} <= sections
+    preset = load_config(DEFAULT_PRESET, [f"registry.tracking_uri={deployed.mlflow_url}"])
+    assert finetune.parameters == {"config": preset.model_dump(mode="json", by_alias=True)}
+    # The nightly retrain lays its own `parameters.config` over the preset: unchanged data, no training.
+    nightly_config = preset.model_copy(
+        update={"run": preset.run.model_copy(update={"skip_unchanged_data": True})}
+    )
+    assert nightly.parameters == {"config": nightly_config.model_dump(mode="json", by_alias=True)}
+
+
+def test_redeploy_updates_the_schedule_in_place(deployed):
+    with _client(deployed) as client:
+        before = client.read_deployment_by_name(NIGHTLY)
+    override = [f"registry.tracking_uri={deployed.mlflow_url}"]
+    try:
+        ids = deploy(deployed.api_url, overrides=override, timezone="America/New_York")
+        assert ids[NIGHTLY] == str(before.id)
+        with _client(deployed) as client:
+            [schedule] = client.read_deployment_by_name(NIGHTLY).schedules
+        assert schedule.schedule.timezone == "America/New_York" and schedule.schedule.cron == "0 2 * * *"
+    finally:
+        deploy(deployed.api_url, overrides=override)
+    with _client(deployed) as client:
+        [schedule] = client.read_deployment_by_name(NIGHTLY).schedules
+    assert schedule.schedule.timezone == "Europe/Berlin"
+
+
+def test_deploy_creates_gpu_pools_from_the_job_templates(deployed):
+    with _client(deployed) as client:
+        for name, (kind, _) in GPU_POOLS.items():
+            pool = client.read_work_pool(name)
+            assert pool.type == kind and pool.base_job_template == TEMPLATES[name]
+
+
+def test_gpu_job_templates_request_gpus_when_rendered_with_their_defaults():
+    from prefect.server.schemas.actions import validate_base_job_template
+
+    for name, template in TEMPLATES.items():
+        assert set(template) == {"job_configuration", "variables"}, name
+        validate_base_job_template(template)  # every placeholder is a declared variable
+    rendered = {name: apply_values(t["job_configuration"], _defaults(t)) for name, t in TEMPLATES.items()}
+
+    pod = rendered["k8s-gpu"]["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    [request] = rendered["docker-gpu"]["container_create_kwargs"]["device_requests"]
+    assert request == {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+
+
+def test_prefect_file_keys_that_deploy_would_not_register_are_refused(tmp_path):
+    raw = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    raw["deployments"][0]["triggers"] = [{"enabled": True}]
+    del raw["deployments"][1]["concurrency_limit"]
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"(?s)finetune.*triggers.*retrain-nightly.*concurrency_limit"):
+        read_prefect_file(path)
+
+
+def test_deploy_to_a_server_that_does_not_answer_says_so():
+    with pytest.raises(ServerError, match="does not answer"):
+        deploy(f"http://127.0.0.1:{_free_port()}/api")
+
+
+def test_local_stack_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServerError, match=f"port {port} on 127.0.0.1 is in use"):
+            with local_stack(tmp_path, prefect_port=port, mlflow_port=_free_port()):
+                pass
+
+
+def test_deploy_without_a_server_says_how_to_get_one():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(ConfigError, match="tunegate up"),
+    ):
+        deploy()
+
+
+def test_finetune_triggered_through_the_api_completes_and_registers_the_champion(
+    deployed, tiny_model, data_dir, tmp_path
+):
+    from prefect.deployments import run_deployment
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["registry"].update(tracking_uri=deployed.mlflow_url, experiment="deployed")
+    del raw["registry"]["artifact_root"]  # artifacts go through the tracking server
+    with _client(deployed):
+        flow_run = run_deployment(FINETUNE, parameters={"config": raw}, timeout=0)
+    state = _wait_final(deployed, flow_run.id, timeout_s=600)
+    assert state.is_completed(), _diagnose(deployed, flow_run.id, state)
+
+    mlflow = MlflowClient(tracking_uri=deployed.mlflow_url, registry_uri=deployed.mlflow_url)
+    champion = mlflow.get_model_version_by_alias("tiny-assistant", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["prefect.flow_run_id"] == str(flow_run.id)
+    assert champion.tags["tunegate.config_digest"] == parse_config(raw).digest()
+    with _client(deployed) as client:
+        finished = client.read_flow_run(flow_run.id)
+    assert finished.work_queue_name == "training" and finished.parameters["config"]["run"]["name"] == "test"
+
+
+def _defaults(template: dict) -> dict:
+    return {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+
+
+def _wait_final(stack, flow_run_id, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    with _client(stack) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+            stack.check_alive()
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"flow run still {state.name if state else None}:\n{_diagnose(stack, flow_run_id, state)}"
+                )
+            time.sleep(2)
+
+
+def _diagnose(stack, flow_run_id, state) -> str:
+    """What a failing run left: its state message, its last logs, the end of the worker's log."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with _client(stack) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    worker_log = (stack.logs / "worker.log").read_text(errors="replace").splitlines()[-40:]
+    return "\n".join(
+        [
+            f"state: {state}",
+            "flow-run logs:",
+            *(f"  {log.message}" for log in logs[-40:]),
+            "worker:",
+            *worker_log,
+        ]
+    )
