@@ -243,16 +243,22 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         if registration.version and registration.promoted:
             log_lineage(reg.tracking_uri, f"{reg.model_name}/{registration.version}", pid)
         logger.info("verdict: %s; %s", "PASS" if verdict.passed else "FAIL", registration.reason)
-    return {
+    return _result(config, verdict, report, registration, pid, run_dir, run_id)
+
+
+def _result(config, verdict, report, registration, pid, run_dir, run_id, outcome=None) -> dict[str, Any]:
+    """What the flow returns (and `tunegate run` prints a summary of)."""
+    result = {
         "verdict": verdict.model_dump(),
-        "report": report.model_dump(),
+        "report": report.model_dump() if report is not None else None,
         "registration": registration.model_dump(),
         "mlflow_run_id": pid,
-        "experiment": reg.experiment,
-        "tracking_uri": reg.tracking_uri,
+        "experiment": config.registry.experiment,
+        "tracking_uri": config.registry.tracking_uri,
         "run_dir": str(run_dir),
         "flow_run_id": str(run_id),
     }
+    return result | ({"outcome": outcome} if outcome else {})
 
 
 def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit):
@@ -265,7 +271,7 @@ def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, 
         tags={
             "tunegate.parent_run_id": pid,
             "prefect.flow_run_id": str(run_id),
-            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+            "prefect.flow_run_url": _ui_url(),
             "tunegate.config_digest": config.digest(),
             "tunegate.git_commit": commit,
             "tunegate.base_model": config.model.base_model,
@@ -292,17 +298,13 @@ def _no_run(
         aliases=[reg.alias],
         reason=reason,
     )
-    return {
-        "verdict": verdict.model_dump(),
-        "report": None,
-        "registration": registration.model_dump(),
-        "mlflow_run_id": pid,
-        "experiment": reg.experiment,
-        "tracking_uri": reg.tracking_uri,
-        "run_dir": str(run_dir),
-        "flow_run_id": str(run_id),
-        "outcome": outcome,
-    }
+    return _result(config, verdict, None, registration, pid, run_dir, run_id, outcome)
+
+
+def _ui_url() -> str:
+    """The flow run's page in the Prefect UI; empty on the ephemeral API (no UI is serving it)."""
+    url = flow_run.get_flow_run_ui_url() or ""
+    return "" if url.startswith("None") else url
 
 
 def _raw_files(config: PipelineConfig) -> list[Path]:
@@ -427,7 +429,7 @@ def _tag_parent(
             **{f"tunegate.version.{name}": v for name, v in library_versions().items()},
             "prefect.flow_run_id": str(run_id),
             "prefect.flow_run_name": flow_run.get_name() or "",
-            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or "",
+            "prefect.flow_run_url": _ui_url(),
             "tunegate.config_digest": config.digest(),
             "tunegate.champion_at_start": champion or "none",
             "tunegate.run_dir": str(run_dir),
