@@ -1,11 +1,13 @@
 """Deployments against real servers: the stack `tunegate up` starts (a Prefect server, an MLflow
 tracking server and a process worker on 127.0.0.1), the deployments `tunegate deploy` registers, and
-a `finetune` run triggered through the API that trains, gates and registers the tiny model."""
+`finetune` runs that train, gate and register the tiny model: one triggered through the API, one
+started from the Prefect UI's run form in a headless Chromium (Debian's `chromium` package)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,6 +249,124 @@ def test_finetune_triggered_through_the_api_completes_and_registers_the_champion
     with _client(deployed) as client:
         finished = client.read_flow_run(flow_run.id)
     assert finished.work_queue_name == "training" and finished.parameters["config"]["run"]["name"] == "test"
+
+    # Triggered again with the same parameters: every data and training stage comes from the cache.
+    with _client(deployed):
+        again = run_deployment(FINETUNE, parameters={"config": raw}, timeout=0)
+    state = _wait_final(deployed, again.id, timeout_s=600)
+    assert state.is_completed(), _diagnose(deployed, again.id, state)
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with _client(deployed) as client:
+        task_runs = client.read_task_runs(  # limit and sort given: this client sends nulls the server refuses
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=100,
+        )
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs}
+    assert {states[s] for s in ("validate", "build", "sft", "reward-model", "align")} == {"Cached"}, states
+    assert len(mlflow.search_model_versions("name='tiny-assistant'")) == 1  # nothing new to register
+
+
+def test_finetune_started_from_the_ui_run_form_completes_and_registers_the_champion(
+    deployed, tiny_model, data_dir, tmp_path
+):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail(
+            "no `chromium` on PATH: this test drives the system browser through Playwright; "
+            "install it with `apt-get install chromium` (.ci/run does)"
+        )
+    from playwright.sync_api import expect, sync_playwright
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["run"]["name"] = "ui"
+    raw["registry"].update(
+        tracking_uri=deployed.mlflow_url, experiment="deployed-ui", model_name="ui-assistant"
+    )
+    del raw["registry"]["artifact_root"]  # artifacts go through the tracking server
+    run_name = "finetune-from-the-ui"
+    form_png, run_png = tmp_path / "prefect-ui-form.png", tmp_path / "prefect-ui-run.png"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.route("**/create_flow_run", _retry_busy_database)
+            page.goto(f"{deployed.prefect_url}/deployments")
+            page.get_by_role("link", name="finetune", exact=True).click()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_role("link", name="Custom run").click()
+            # The form drawn from PipelineConfig has a JSON mode, in the menu (its only button)
+            # beside the "Parameters" heading: the whole config pasted at once, as a person would.
+            page.get_by_role("heading", name="Parameters").locator("xpath=..").get_by_role("button").click()
+            page.get_by_role("button", name="Use JSON input").click()
+            name_input = page.locator(".flow-run-name-input input")
+            name_input.fill(run_name)
+            page.locator("form textarea").fill(json.dumps({"config": raw}, indent=2))
+            name_input.scroll_into_view_if_needed()  # the page scrolls inside: the form's head
+            page.screenshot(path=form_png)
+            page.get_by_role("button", name="Submit").click()
+            # The UI mounts its toasts twice: either copy will do.
+            expect(page.get_by_text(f"{run_name} scheduled to start").first).to_be_visible()
+
+            flow_run = _flow_run_named(deployed, run_name)
+            page.goto("about:blank")  # a live Prefect page polls and redraws: CPU the run needs
+            state = _wait_final(deployed, flow_run.id, timeout_s=480)
+            assert state.is_completed(), _diagnose(deployed, flow_run.id, state)
+            page.goto(f"{deployed.prefect_url}/runs/flow-run/{flow_run.id}")
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+            page.screenshot(path=run_png)
+        finally:
+            browser.close()
+
+    for png in (form_png, run_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert flow_run.parameters["config"]["run"]["name"] == "ui"
+    mlflow = MlflowClient(tracking_uri=deployed.mlflow_url, registry_uri=deployed.mlflow_url)
+    champion = mlflow.get_model_version_by_alias("ui-assistant", "champion")
+    assert champion.tags["prefect.flow_run_id"] == str(flow_run.id)
+
+
+def _retry_busy_database(route) -> None:
+    """Send the run form's request again while the server answers 503. Prefect's server on SQLite
+    answers 503 now and then when two writes meet ("database is locked", rolled back); its Python
+    client retries those, its UI does not and shows "Something went wrong"."""
+    for _ in range(5):
+        response = route.fetch()
+        if response.status != 503:
+            break
+        time.sleep(1)
+    route.fulfill(response=response)
+
+
+def _flow_run_named(stack, name: str):
+    """The one flow run of `finetune` called `name`."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with _client(stack) as client:
+        # limit and sort explicit: prefect 3.8.8's sync client sends null for them, which the server rejects
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[_finetune_id(stack)])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=10,
+        )
+    assert len(runs) == 1, [(r.name, r.id) for r in runs]
+    return runs[0]
+
+
+def _finetune_id(stack):
+    with _client(stack) as client:
+        return client.read_deployment_by_name(FINETUNE).id
 
 
 def _defaults(template: dict) -> dict:
