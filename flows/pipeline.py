@@ -233,7 +233,9 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         _log_report(report)
         _publish_verdict(verdict, run_dir / "gates")
         # A passing candidate is registered and promoted; a failing one is logged for audit only.
-        registration = _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit)
+        registration = _register(
+            config, candidate, verdict, champion, base, dataset, pid, run_id, commit, data_digest
+        )
         mlflow.set_tags(
             {
                 "tunegate.promoted": str(registration.promoted).lower(),
@@ -261,7 +263,7 @@ def _result(config, verdict, report, registration, pid, run_dir, run_id, outcome
     return result | ({"outcome": outcome} if outcome else {})
 
 
-def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit):
+def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, commit, data_digest):
     reg = config.registry
     return register_task(
         reg,
@@ -277,7 +279,7 @@ def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, 
             "tunegate.base_model": config.model.base_model,
             "tunegate.base_model_digest": base.digest,
             "tunegate.candidate_digest": candidate.digest,
-            "tunegate.data_digest": mlflow.get_run(pid).data.tags["tunegate.data_digest"],
+            "tunegate.data_digest": data_digest,
         },
         smoke_prompt=_first_eval_prompt(dataset),
         lock=promotion_lock(reg),
