@@ -64,4 +64,3 @@ def code_version() -> str:
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
-
