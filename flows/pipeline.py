@@ -114,8 +114,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     reg = config.registry
     _use_experiment(reg)
     champion = current_champion(reg)
-    raw = cache.file_digests(_raw_files(config))
-    data_digest = hashlib.sha256(json.dumps(sorted(raw.values())).encode()).hexdigest()
+    files = _raw_files(config)
+    raw = cache.file_digests([p for paths in files.values() for p in paths])
+    # What the data holds, kind by kind, wherever the files live: moving them is not new data.
+    by_kind = {kind: [raw[str(p)] for p in paths] for kind, paths in files.items()}
+    data_digest = hashlib.sha256(json.dumps(by_kind, sort_keys=True).encode()).hexdigest()
     stages = cache.StageCache(Path(config.run.output_dir) / "cache", code_version(), config.run.cache)
     with mlflow.start_run(run_name=config.run.name) as parent:
         pid = parent.info.run_id
@@ -309,14 +312,12 @@ def _ui_url() -> str:
     return "" if url.startswith("None") else url
 
 
-def _raw_files(config: PipelineConfig) -> list[Path]:
+def _raw_files(config: PipelineConfig) -> dict[str, list[Path]]:
     from data_checks.readers import resolve_paths
 
-    return [
-        p
-        for kind in ("sft", "preferences", "prompts", "eval")
-        for p in resolve_paths(getattr(config.data, kind))
-    ]
+    return {
+        kind: resolve_paths(getattr(config.data, kind)) for kind in ("sft", "preferences", "prompts", "eval")
+    }
 
 
 def _stage_gates(config: PipelineConfig, stage: str, metrics: dict[str, float]) -> None:
