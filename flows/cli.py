@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument("--pool", default="local", help="process work pool the worker polls")
+    up.add_argument(
+        "--training-pool",
+        help="also start a worker for this process pool, standing in for the GPU pool that runs training "
+        "stages with run.placement: pools (e.g. gpu, the pool prefect.yaml names)",
+    )
 
     dep = sub.add_parser("deploy", help="register the deployments of deployments/prefect.yaml")
     dep.add_argument(
@@ -60,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument(
         "--api-url", help="Prefect API, e.g. http://127.0.0.1:4200/api (default: PREFECT_API_URL)"
     )
-    dep.add_argument("--pool", help="work pool for every deployment (default: the one prefect.yaml names)")
+    dep.add_argument(
+        "--pool", help="work pool for the pipeline's deployments (default: the one prefect.yaml names)"
+    )
+    dep.add_argument(
+        "--training-pool",
+        help="work pool for the training-stage deployment, e.g. k8s-gpu (default: the one prefect.yaml names)",
+    )
     dep.add_argument("--timezone", help="IANA timezone for the nightly schedule (default: prefect.yaml's)")
     dep.add_argument(
         "--gpu-pools", action="store_true", help="also create the Kubernetes and Docker GPU pools"
@@ -131,7 +142,13 @@ def _up(args) -> int:
     from flows.deploy import ServerError, up
 
     try:
-        up(args.home, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+        up(
+            args.home,
+            prefect_port=args.prefect_port,
+            mlflow_port=args.mlflow_port,
+            pool=args.pool,
+            training_pool=args.training_pool,
+        )
     except ServerError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 1
@@ -147,6 +164,7 @@ def _deploy(args) -> int:
             args.config or DEFAULT_PRESET,
             args.overrides,
             pool=args.pool,
+            training_pool=args.training_pool,
             timezone=args.timezone,
             gpu_pools=args.gpu_pools,
         )

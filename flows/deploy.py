@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 DEFAULT_PRESET = REPO / "configs" / "demo.yaml"
+# The flow whose run form is drawn from PipelineConfig: its deployments get a preset as defaults.
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
 # name: (worker type, base job template file under deployments/)
 GPU_POOLS = {
     "k8s-gpu": ("kubernetes", "k8s-gpu-job-template.json"),
@@ -135,6 +137,7 @@ def deploy(
     overrides: list[str] | None = None,
     *,
     pool: str | None = None,
+    training_pool: str | None = None,
     timezone: str | None = None,
     gpu_pools: bool = False,
     home: str | Path | None = None,
@@ -146,7 +149,9 @@ def deploy(
         api_url: Prefect API, e.g. http://127.0.0.1:4200/api; unset: PREFECT_API_URL.
         preset: YAML preset whose resolved config becomes the deployments' default parameters.
         overrides: dotted overrides applied to the preset, e.g. registry.tracking_uri=http://...
-        pool: work pool for every deployment instead of the one the file names.
+        pool: work pool for the pipeline's deployments instead of the one the file names.
+        training_pool: work pool for the training-stage deployment (`run.placement: pools`), e.g.
+            k8s-gpu, instead of the one the file names.
         timezone: IANA timezone for the cron schedules instead of the file's.
         gpu_pools: also create (or update) the Kubernetes and Docker GPU pools from their templates.
         home: the checkout runs execute in; unset: $TUNEGATE_HOME, else this repository.
@@ -171,19 +176,34 @@ def deploy(
                 raise ServerError(
                     f"the Prefect API at {client.api_url} does not answer ({exc}): is `tunegate up` running?"
                 )
-            pools = {pool or s.work_pool for s in specs} | (set(GPU_POOLS) if gpu_pools else set())
+            pools = {_pool(s, pool, training_pool) for s in specs} | (set(GPU_POOLS) if gpu_pools else set())
             for name in sorted(pools):
                 _ensure_pool(client, name)
             for s in specs:
                 if s.work_queue:
-                    _ensure_queue(client, pool or s.work_pool, s.work_queue)
+                    _ensure_queue(client, _pool(s, pool, training_pool), s.work_queue)
             # The flow serialises promotions through this limit when the tracking store is remote.
             client.upsert_global_concurrency_limit_by_name(f"tunegate-promote-{cfg.registry.model_name}", 1)
         runners = [
-            _runner_deployment(s, home, {"config": _deployment_config(preset_config, s)}, pool, timezone)
+            _runner_deployment(
+                s, home, _parameters(preset_config, s), _pool(s, pool, training_pool), timezone
+            )
             for s in specs
         ]
         return {runner.full_name: str(runner.apply()) for runner in runners}
+
+
+def _pool(spec: DeploymentSpec, pool: str | None, training_pool: str | None) -> str:
+    chosen = pool if spec.entrypoint == PIPELINE_ENTRYPOINT else training_pool
+    return chosen or spec.work_pool
+
+
+def _parameters(preset: dict[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
+    """The pipeline's deployments: the run config, defaults from the preset. The training-stage
+    deployment takes what the pipeline passes at run time; it has no defaults."""
+    if spec.entrypoint != PIPELINE_ENTRYPOINT:
+        return {}
+    return {"config": _deployment_config(preset, spec)}
 
 
 def _deployment_config(preset: dict[str, Any], spec: DeploymentSpec) -> dict[str, Any]:
@@ -206,7 +226,7 @@ def _deployment_config(preset: dict[str, Any], spec: DeploymentSpec) -> dict[str
 
 
 def _runner_deployment(
-    spec: DeploymentSpec, home: Path, params: dict, pool: str | None, timezone: str | None
+    spec: DeploymentSpec, home: Path, params: dict, pool: str, timezone: str | None
 ) -> RunnerDeployment:
     """The deployment as Prefect's RunnerDeployment: code in `home`, run there (a local pull step)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
@@ -234,7 +254,7 @@ def _runner_deployment(
         concurrency_limit=ConcurrencyLimitConfig(
             limit=spec.concurrency_limit, collision_strategy=spec.collision_strategy
         ),
-        work_pool_name=pool or spec.work_pool,
+        work_pool_name=pool,
         work_queue_name=spec.work_queue,
         job_variables=spec.job_variables,
         enforce_parameter_schema=True,
@@ -315,6 +335,7 @@ class LocalStack:
     pool: str
     workdir: Path
     logs: Path
+    training_pool: str | None = None
     services: tuple[_Service, ...] = field(default=(), repr=False)
 
     @property
@@ -328,7 +349,12 @@ class LocalStack:
 
 
 def up(
-    home: str | Path | None = None, *, prefect_port: int = 4200, mlflow_port: int = 5000, pool: str = "local"
+    home: str | Path | None = None,
+    *,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+    pool: str = "local",
+    training_pool: str | None = None,
 ) -> None:
     """`tunegate up`: start the local stack, print where it is, and keep it up until Ctrl-C or SIGTERM.
 
@@ -341,12 +367,23 @@ def up(
         signal.signal(sig, signal.default_int_handler)
     print("starting the Prefect server, the MLflow server and a worker (first start: up to a minute) ...")
     try:
-        with local_stack(home, prefect_port=prefect_port, mlflow_port=mlflow_port, pool=pool) as stack:
+        with local_stack(
+            home,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            pool=pool,
+            training_pool=training_pool,
+        ) as stack:
+            training = (
+                f"\n  worker:      pool {stack.training_pool!r} (training stages, run.placement: pools)"
+                if stack.training_pool
+                else ""
+            )
             print(
                 f"""
   Prefect UI:  {stack.prefect_url}
   MLflow UI:   {stack.mlflow_url}
-  worker:      pool {stack.pool!r}, runs flows in {stack.workdir}
+  worker:      pool {stack.pool!r}, runs flows in {stack.workdir}{training}
   logs:        {stack.logs}
 
 In another shell:
@@ -370,6 +407,7 @@ def local_stack(
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
     pool: str = "local",
+    training_pool: str | None = None,
     workdir: Path = REPO,
     timeout_s: float = 180.0,
     worker_env: Mapping[str, str] | None = None,
@@ -381,6 +419,8 @@ def local_stack(
             MLflow store and Prefect's own home.
         prefect_port, mlflow_port: ports on 127.0.0.1.
         pool: the process work pool the worker polls (created if missing).
+        training_pool: a second process pool with a worker of its own, standing in for the GPU pool
+            that runs training stages with `run.placement: pools` (e.g. "gpu").
         workdir: the checkout flow runs execute in (TUNEGATE_HOME for the worker).
         timeout_s: how long each server may take to answer its health check.
         worker_env: extra environment for the worker and the flow runs it starts.
@@ -402,6 +442,7 @@ def local_stack(
         pool=pool,
         workdir=Path(workdir).resolve(),
         logs=logs,
+        training_pool=training_pool,
     )
     env = {
         **os.environ,
@@ -429,10 +470,6 @@ def local_stack(
             services[0].wait_healthy(f"{stack.api_url}/health", deadline)
             services[1].wait_healthy(f"{stack.mlflow_url}/health", deadline)
 
-            _ensure_local_pool(stack.api_url, pool)
-            name = f"tunegate-{pool}-{prefect_port}"
-            worker_cmd = [*prefect_cmd, "worker", "start", "--pool", pool, "--type", "process"]
-            worker_cmd += ["--name", name, "--install-policy", "never"]
             run_env = {
                 **env,
                 "TUNEGATE_HOME": str(stack.workdir),
@@ -442,9 +479,16 @@ def local_stack(
                 "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "false",  # never pip/uv install at run time
                 **(worker_env or {}),
             }
-            started = time.time()
-            services.append(_Service.start("worker", worker_cmd, run_env, stack.workdir, logs))
-            _wait_worker(services[2], stack.api_url, pool, name, started, time.monotonic() + timeout_s)
+            workers = [(pool, "worker")] + ([(training_pool, "training-worker")] if training_pool else [])
+            for worker_pool, label in workers:
+                _ensure_local_pool(stack.api_url, worker_pool)
+                name = f"tunegate-{worker_pool}-{prefect_port}"
+                worker_cmd = [*prefect_cmd, "worker", "start", "--pool", worker_pool, "--type", "process"]
+                worker_cmd += ["--name", name, "--install-policy", "never"]
+                started = time.time()
+                services.append(_Service.start(label, worker_cmd, run_env, stack.workdir, logs))
+                deadline = time.monotonic() + timeout_s
+                _wait_worker(services[-1], stack.api_url, worker_pool, name, started, deadline)
             yield replace(stack, services=tuple(services))
         finally:
             for service in reversed(services):  # the worker first, while its server still answers

@@ -24,12 +24,12 @@ from prefect.states import Completed
 from flows import cache
 from flows.lineage import log_lineage
 from flows.locks import promotion_lock
+from flows.placement import check_deployment, placed
 from flows.retries import retry_transient
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
 from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_chart
-from tasks.launch import launched
 from tasks.registry import current_champion, fetch_champion, register_candidate, store_setup_lock
 from tasks.validate import validate_data
 from tunegate.artifacts import (
@@ -96,9 +96,9 @@ def _stage(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 prepare_base_model_task = _stage("base-model", prepare_base_model)
 validate_task = _stage("validate", validate_data)
 build_task = _stage("build", build_datasets)
-sft_task = _stage("sft", launched("sft"))
-reward_task = _stage("reward-model", launched("reward-model"))
-align_task = _stage("align", launched("align"))
+sft_task = _stage("sft", placed("sft"))
+reward_task = _stage("reward-model", placed("reward-model"))
+align_task = _stage("align", placed("align"))
 evaluate_task = _stage("evaluate", evaluate_models)
 gates_task = _stage("gates", apply_gates)
 register_task = _stage("register", register_candidate)
@@ -130,6 +130,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
             mlflow.set_tags({"tunegate.outcome": "no-new-data", "tunegate.promoted": "false"})
             logger.info(reason)
             return _no_run(config, reason, champion, pid, run_dir, run_id, "no-new-data")
+        check_deployment(config.run)
         base = prepare_base_model_task(config.model, parent_run_id=pid)
         mlflow.log_params({"base_model": config.model.base_model, "base_model_digest": base.digest[:16]})
         mlflow.set_tags(
@@ -162,7 +163,12 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         _log_datasets(dataset, validated)
         _stage_gates(config, "data", data_metrics(validated, dataset))
         seed = config.run.seed
-        launch = {"gpus": config.run.gpus, "accelerate_config": config.run.accelerate_config}
+        # where the training stages run: here, or as flow runs on the GPU pool (flows/placement.py)
+        launch = {
+            "gpus": config.run.gpus,
+            "accelerate_config": config.run.accelerate_config,
+            "placement": config.run,
+        }
         ckpt = _checkpoint_dirs(config, dataset, base)
         sft = sft_task(
             config.sft,

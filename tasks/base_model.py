@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tunegate.artifacts import ModelArtifact, sha256_dir, sha256_file
+from tunegate.artifacts import DIGEST_FILE, ModelArtifact, sha256_dir, sha256_file
 from tunegate.config import ModelSection
 from tunegate.errors import ConfigError
 
@@ -34,7 +34,7 @@ def prepare_base_model(cfg: ModelSection) -> ModelArtifact:
         path = Path(ref)
     else:
         path = _download(ref, cfg)
-    digest_file = path / ".tunegate-digest"
+    digest_file = path / DIGEST_FILE
     if digest_file.exists() and digest_file.stat().st_mtime >= _newest_mtime(path):
         digest = digest_file.read_text().strip()
     else:
@@ -98,4 +98,4 @@ def _download(ref: str, cfg: ModelSection) -> Path:
 
 
 def _newest_mtime(path: Path) -> float:
-    return max((p.stat().st_mtime for p in path.rglob("*") if p.name != ".tunegate-digest"), default=0)
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.name != DIGEST_FILE), default=0)

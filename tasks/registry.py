@@ -23,7 +23,6 @@ store's file lock is available here; orchestration stays out of this layer.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,8 +31,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tasks.model_card import description, model_card
-from tasks.training import BASE_REF, is_adapter
-from tunegate.artifacts import GateVerdict, ModelArtifact, Registration
+from tasks.training import is_adapter
+from tunegate.artifacts import BASE_REF, GateVerdict, ModelArtifact, Registration, base_of
 from tunegate.config import RegistrySection
 from tunegate.errors import ConfigError, PromotionError
 
@@ -203,11 +202,10 @@ def adapter_base(candidate: ModelArtifact) -> ModelArtifact:
                 "align.save: adapter (with align.mode lora, dora or qlora), or registry.format: merged"
             ]
         )
-    if not (path / BASE_REF).exists():
+    if (base := base_of(path)) is None:
         raise ConfigError(
             [f"registry.format=adapter: {path} has no {BASE_REF}, so the model it applies to is unknown"]
         )
-    base = ModelArtifact.model_validate(json.loads((path / BASE_REF).read_text(encoding="utf-8")))
     if is_adapter(base.path):
         fix = f"set {base.role}.save: merged" if base.role in ("sft", "align") else "use full weights"
         raise ConfigError(
@@ -277,8 +275,8 @@ def _lineage(
 
 def _base_chain(candidate: ModelArtifact) -> list[ModelArtifact]:
     chain = [candidate]
-    while (ref := Path(chain[-1].path) / BASE_REF).exists():
-        chain.append(ModelArtifact.model_validate_json(ref.read_text(encoding="utf-8")))
+    while (base := base_of(chain[-1].path)) is not None:
+        chain.append(base)
     return chain[::-1]
 
 

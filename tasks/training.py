@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunegate.artifacts import ModelArtifact
+from tunegate.artifacts import BASE_REF, ModelArtifact, base_of
 from tunegate.config import LoraSection, TrainSection
 from tunegate.errors import ConfigError, TrainingError
 
@@ -300,9 +300,6 @@ class _Saved:
         shutil.copytree(self.directory, target, dirs_exist_ok=True)
 
 
-BASE_REF = "tunegate_base.json"
-
-
 def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Write to a temporary directory, then rename: a crash never leaves a half-written model.
     Under `accelerate launch`, only the main process writes."""
@@ -340,9 +337,8 @@ def load_causal_lm(path: str, quantization=None):
         from peft import PeftModel
 
         # The model the adapter was trained on: our reference (itself possibly an adapter), else PEFT's.
-        ref = Path(path) / BASE_REF
-        if ref.exists():
-            base, _ = load_causal_lm(json.loads(ref.read_text())["path"], quantization)
+        if (ref := base_of(path)) is not None:
+            base, _ = load_causal_lm(ref.path, quantization)
         else:
             config = json.loads((Path(path) / "adapter_config.json").read_text())
             base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **kwargs)

@@ -37,6 +37,7 @@ from tunegate.errors import ConfigError
 
 FINETUNE = "tunegate-pipeline/finetune"
 NIGHTLY = "tunegate-pipeline/retrain-nightly"
+TRAIN = "tunegate-train-stage/train"
 TEMPLATES = {name: json.loads((REPO / "deployments" / f).read_text()) for name, (_, f) in GPU_POOLS.items()}
 
 
@@ -92,8 +93,12 @@ def stack(tmp_path_factory):
         home,
         prefect_port=_free_port(),
         mlflow_port=_free_port(),
+        training_pool="gpu",  # a process pool standing in for the GPU pool (run.placement: pools)
         timeout_s=300,
-        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "1"},  # picks a triggered run up within a second
+        worker_env={
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # picks a triggered run up within a second
+            "TUNEGATE_SCRATCH": str(home / "scratch"),  # the training worker's work directory
+        },
     ) as running:
         yield running
 
@@ -134,8 +139,14 @@ def test_deploy_registers_nightly_cron_with_timezone_limits_and_the_config_form(
         assert d.enforce_parameter_schema
     assert queue.concurrency_limit == 1 and promote.limit == 1
 
+    # The training stages' deployment (run.placement: pools) sits on the GPU pool, no run form defaults.
+    with _client(deployed) as client:
+        train = client.read_deployment_by_name(TRAIN)
+    assert (train.work_pool_name, train.parameters) == ("gpu", {})
+    assert set(train.parameter_openapi_schema["required"]) == {"stage", "spec", "artifact_root", "result"}
+
     # What prefect.yaml says is what the server holds.
-    for spec, d in zip(read_prefect_file(), (finetune, nightly), strict=True):
+    for spec, d in zip(read_prefect_file(), (finetune, nightly, train), strict=True):
         assert (spec.name, spec.description, spec.entrypoint) == (d.name, d.description, d.entrypoint)
         assert set(spec.tags) == set(d.tags) and d.job_variables == spec.job_variables
 
@@ -267,6 +278,52 @@ def test_finetune_triggered_through_the_api_completes_and_registers_the_champion
     states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs}
     assert {states[s] for s in ("validate", "build", "sft", "reward-model", "align")} == {"Cached"}, states
     assert len(mlflow.search_model_versions("name='tiny-assistant'")) == 1  # nothing new to register
+
+
+def test_placement_pools_runs_each_training_stage_as_a_flow_run_on_the_training_pool(
+    deployed, tiny_model, data_dir, tmp_path
+):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.deployments import run_deployment
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    shared = tmp_path / "shared-artifact-root"  # what s3:// or gs:// is between machines
+    raw["run"].update(name="pools", placement="pools", artifact_root=str(shared))
+    raw["registry"].update(
+        tracking_uri=deployed.mlflow_url, experiment="deployed-pools", model_name="pools-assistant"
+    )
+    del raw["registry"]["artifact_root"]
+    with _client(deployed):
+        flow_run = run_deployment(FINETUNE, parameters={"config": raw}, timeout=0)
+    state = _wait_final(deployed, flow_run.id, timeout_s=600)
+    assert state.is_completed(), _diagnose(deployed, flow_run.id, state)
+
+    with _client(deployed) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])
+            ),
+            sort=FlowRunSort.START_TIME_ASC,
+            limit=20,
+        )
+        train_id = client.read_deployment_by_name(TRAIN).id
+    assert [c.parameters["stage"] for c in children] == ["sft", "reward-model", "align"]
+    for child in children:
+        assert child.deployment_id == train_id and child.work_pool_name == "gpu", child.name
+        assert child.state.is_completed(), child.state
+
+    mlflow = MlflowClient(tracking_uri=deployed.mlflow_url, registry_uri=deployed.mlflow_url)
+    champion = mlflow.get_model_version_by_alias("pools-assistant", "champion")
+    digest = champion.tags["tunegate.candidate_digest"]
+    assert (shared / "models" / digest / ".complete").exists()  # the aligned model went through the root
+    # The trainers on the training worker logged their curves to the pipeline's stage runs.
+    stage_runs = mlflow.search_runs(
+        [mlflow.get_experiment_by_name("deployed-pools").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{champion.tags['tunegate.parent_run_id']}'",
+    )
+    sft = next(r for r in stage_runs if r.data.tags.get("tunegate.stage") == "sft")
+    assert len(mlflow.get_metric_history(sft.info.run_id, "loss")) >= 1, sorted(sft.data.metrics)
 
 
 def test_finetune_started_from_the_ui_run_form_completes_and_registers_the_champion(

@@ -14,7 +14,7 @@ from flows.cli import main
 from flows.pipeline import pipeline
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
-from tunegate.errors import DataValidationError, StageGateFailed
+from tunegate.errors import ConfigError, DataValidationError, StageGateFailed
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,22 @@ def test_a_failing_data_gate_stops_the_run_before_training(prefect_api, tiny_mod
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     assert not client.search_registered_models()
+
+
+def test_placement_pools_without_its_training_deployment_stops_before_anything_runs(
+    prefect_api, tiny_model, data_dir, tmp_path
+):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["run"].update(placement="pools", artifact_root=str(tmp_path / "shared"))
+    cfg = parse_config(raw)
+    with pytest.raises(
+        ConfigError, match=r"tunegate-train-stage/train' is not on the Prefect server.*tunegate deploy"
+    ):
+        pipeline(cfg)
+    client = _client(cfg)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert not {r.data.tags.get("tunegate.stage") for r in runs} - {None}  # no stage started
+    assert not (tmp_path / "shared").exists() and not client.search_registered_models()
 
 
 def _stage_runs(client: MlflowClient, parent_id: str) -> dict[str, dict[str, str]]:

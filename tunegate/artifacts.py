@@ -116,11 +116,35 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Kept inside a prepared base model's directory by tasks/base_model.py: about the content, not of it.
+DIGEST_FILE = ".tunegate-digest"
+
+
 def sha256_dir(path: str | Path) -> str:
     """Digest of a directory: every file's relative name and content, in sorted order."""
     root = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != DIGEST_FILE):
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+# Beside an adapter: the record of the model it was trained on (path, digest, origin).
+BASE_REF = "tunegate_base.json"
+
+
+def base_of(adapter_dir: str | Path) -> ModelArtifact | None:
+    """The model an adapter directory was trained on, or None for full weights.
+
+    Found at its recorded path, else beside the adapter under its digest: where a copy fetched from
+    a shared artifact root keeps it (see `tunegate.artifact_store`), on a machine where the path it
+    was trained from does not exist."""
+    ref = Path(adapter_dir) / BASE_REF
+    if not ref.is_file():
+        return None
+    base = ModelArtifact.model_validate_json(ref.read_text(encoding="utf-8"))
+    beside = Path(adapter_dir).parent / base.digest
+    if not Path(base.path).exists() and beside.is_dir():
+        return base.model_copy(update={"path": str(beside)})
+    return base

@@ -57,6 +57,39 @@ class RunSection(Section):
             "current champion was trained on (what a scheduled retrain wants)."
         ),
     )
+    placement: Literal["local", "pools"] = Field(
+        "local",
+        description=(
+            "local: every stage runs in the pipeline's own process. pools: the training stages (SFT, "
+            "reward model, alignment) run as flow runs of `training_deployment` on its work pool (the GPU "
+            "pool), their inputs and results passing through `artifact_root`."
+        ),
+    )
+    artifact_root: str | None = Field(
+        None,
+        description=(
+            "Shared artifact root for placement: pools, an fsspec URI both sides can reach: a mounted "
+            "path, s3://bucket/prefix (pip install s3fs) or gs://bucket/prefix (pip install gcsfs)."
+        ),
+    )
+    training_deployment: str = Field(
+        "tunegate-train-stage/train",
+        description="The deployment (flow/deployment) that runs a training stage for placement: pools.",
+    )
+    stage_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="placement: pools: how long to wait for a training stage's flow run; unset: no limit.",
+    )
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> RunSection:
+        if self.placement == "pools" and not self.artifact_root:
+            raise ValueError(
+                "run.placement=pools needs run.artifact_root: a path or URI (s3://, gs://) that the "
+                "pipeline and the GPU workers both reach"
+            )
+        return self
 
 
 class ModelSection(Section):
