@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from flows import cache
 from flows.lineage import log_lineage
 from flows.locks import promotion_lock
 from flows.placement import check_deployment, placed
-from flows.retries import retry_transient
+from flows.retries import is_transient, retry_transient
 from tasks.base_model import prepare_base_model
 from tasks.build import build_datasets
 from tasks.evaluate import evaluate_models
@@ -41,7 +42,7 @@ from tunegate.artifacts import (
     sha256_file,
 )
 from tunegate.config import PipelineConfig
-from tunegate.errors import DataValidationError, StageGateFailed
+from tunegate.errors import DataValidationError, StageGateFailed, StoreUnavailable
 from tunegate.provenance import code_version, git_commit, library_versions
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,30 @@ register_task = _stage("register", register_candidate)
 @flow(name="tunegate-pipeline")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Raw data to a registered, promoted model — or a clear reason why not."""
+    reg = config.registry
+    # Bounded: a tracking server that is down fails the run in seconds, not after MLflow's minutes.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(reg.timeout_s)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+    try:
+        return _pipeline(config)
+    except Exception as exc:
+        if reg.tracking_uri.startswith(("http://", "https://")) and is_transient(exc):
+            raise StoreUnavailable(
+                f"the MLflow tracking server at {reg.tracking_uri} did not answer ({reg.max_retries} retries "
+                f"per request, {reg.timeout_s:g} s timeout): {_first_line(exc)}. Nothing was promoted and no "
+                "alias moved; start the server again and rerun: finished stages come from the cache, and "
+                "a registration cut short is finished, not repeated"
+            ) from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _pipeline(config: PipelineConfig) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = flow_run.get_id() or "local"
     run_dir = Path(config.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{str(run_id)[:8]}"

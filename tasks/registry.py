@@ -124,20 +124,27 @@ def register_candidate(
             reason=f"gates failed: {failed}; the candidate is logged for audit ({info.model_uri}), not registered",
         )
     client = _client(cfg)
-    mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **_format_tags(cfg, base)})
-    version = str(mv.version)
-    client.update_model_version(cfg.model_name, version, description=description(card))
     with lock():
+        # A version stays `pending` until its promotion is decided: one whose registration was cut
+        # short (the tracking server gone, the process killed) is finished by the next run with the
+        # same candidate, never registered twice, and never left half-done for anyone to serve.
+        version = _pending_version(client, cfg, candidate.digest, tags.get("tunegate.parent_run_id"))
+        if version is None:
+            all_tags = {**tags, **_format_tags(cfg, base), REGISTRATION: PENDING}
+            version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=all_tags).version)
+        client.update_model_version(cfg.model_name, version, description=description(card))
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         problem = smoke_test(cfg, smoke_prompt)
         if problem is not None:
             client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
+            client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
             reason = f"smoke test of models:/{cfg.model_name}@{CHALLENGER} failed: {problem}"
             return _not_promoted(cfg, version, reason)
         now = current_champion(cfg)
         now_version = now.version if now else None
         if now_version != expected_champion:
             client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
+            client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
             reason = (
                 f"champion moved from {expected_champion or 'none'} to {now_version} while this run was "
                 f"evaluating; version {version} is registered without the {cfg.alias!r} alias"
@@ -147,6 +154,7 @@ def register_candidate(
         if now_version is not None:
             client.set_registered_model_alias(cfg.model_name, PREVIOUS, now_version)
         client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
+        client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
     log.info("registered %s version %s as %s", cfg.model_name, version, cfg.alias)
     return Registration(
         promoted=True,
@@ -158,6 +166,28 @@ def register_candidate(
 
 
 CHALLENGER, PREVIOUS = "challenger", "previous"
+REGISTRATION, PENDING, COMPLETE = "tunegate.registration", "pending", "complete"
+
+
+def _pending_version(client, cfg: RegistrySection, digest: str, run_id: str | None) -> str | None:
+    """The version of this very candidate (same weights digest) whose registration an earlier run
+    began and never finished; it is finished now instead of registering the candidate again."""
+    for mv in client.search_model_versions(f"name='{cfg.model_name}'"):
+        mv_tags = mv.tags or {}
+        if mv_tags.get(REGISTRATION) == PENDING and mv_tags.get("tunegate.candidate_digest") == digest:
+            log.warning(
+                "version %s of %s holds this candidate but its registration by run %s never finished; "
+                "finishing it",
+                mv.version,
+                cfg.model_name,
+                mv_tags.get("tunegate.parent_run_id", "?"),
+            )
+            if run_id:
+                client.set_model_version_tag(
+                    cfg.model_name, mv.version, "tunegate.completed_by_run_id", run_id
+                )
+            return str(mv.version)
+    return None
 
 
 def smoke_test(cfg: RegistrySection, prompt: list[dict] | None) -> str | None:

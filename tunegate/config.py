@@ -84,6 +84,11 @@ class RunSection(Section):
 
     @model_validator(mode="after")
     def _check_placement(self) -> RunSection:
+        if has_credentials(self.artifact_root):
+            raise ValueError(
+                "run.artifact_root carries a user name or password: set the object store's credentials "
+                "in the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...) instead"
+            )
         if self.placement == "pools" and not self.artifact_root:
             raise ValueError(
                 "run.placement=pools needs run.artifact_root: a path or URI (s3://, gs://) that the "
@@ -443,6 +448,36 @@ class RegistrySection(Section):
             "candidate (align.save: adapter) trained on full weights (sft.save: merged)."
         ),
     )
+    max_retries: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description=(
+            "Retries of each request to an MLflow tracking server (exponential backoff from 2 s); then "
+            "the run fails with a clear error instead of waiting minutes on a server that is down."
+        ),
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of each request to an MLflow tracking server.")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> RegistrySection:
+        for name in ("tracking_uri", "artifact_root"):
+            if has_credentials(getattr(self, name)):
+                raise ValueError(
+                    f"registry.{name} carries a user name or password: configs are logged to MLflow and "
+                    "shown in the Prefect UI; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                    "(or the object store's own variables) in the environment or a Prefect Secret block"
+                )
+        return self
+
+
+def has_credentials(uri: str | None) -> bool:
+    """A URI of the form scheme://user[:password]@host/..."""
+    from urllib.parse import urlsplit
+
+    if not uri or "://" not in uri:
+        return False
+    return bool(urlsplit(uri).username or urlsplit(uri).password)
 
 
 class PipelineConfig(Section):

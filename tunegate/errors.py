@@ -42,3 +42,7 @@ class StageGateFailed(TunegateError):
 
 class PromotionError(TunegateError):
     """Registration or promotion failed; nothing was half-done (no alias moved)."""
+
+
+class StoreUnavailable(TunegateError):
+    """A store (the MLflow tracking server) did not answer within its bounded retries."""

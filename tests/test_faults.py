@@ -1,0 +1,155 @@
+"""Faults injected into real runs: the MLflow tracking server (a real `mlflow server` on 127.0.0.1)
+down at the start, stopped in the middle of training and at registration. Each time the run fails
+within its bounded retries with a clear error, no alias moves, nothing is left half-registered, and
+once the server is back a rerun completes."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.registry
+from flows.deploy import _Service
+from flows.pipeline import pipeline
+from tests.conftest import tiny_raw_config
+from tunegate.config import parse_config
+from tunegate.errors import StoreUnavailable
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """A real MLflow tracking server that the test stops and starts again on the same store."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port = home, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.service: _Service | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", str(self.home / "mlartifacts")]
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false"}
+        import os
+
+        self.service = _Service.start("mlflow-server", cmd, {**os.environ, **env}, self.home, self.home)
+        self.service.wait_healthy(f"{self.url}/health", time.monotonic() + 120)
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = TrackingServer(tmp_path)
+    yield srv
+    srv.stop()
+
+
+def _config(tiny_model, data_dir, tmp_path, server: TrackingServer, **run):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["run"].update(run)
+    raw["registry"].update(tracking_uri=server.url, max_retries=1, timeout_s=10)
+    del raw["registry"]["artifact_root"]  # artifacts go through the tracking server
+    return parse_config(raw)
+
+
+def _versions(server: TrackingServer) -> dict[str, dict[str, str]]:
+    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    return {str(v.version): v.tags for v in client.search_model_versions("name='tiny-assistant'")}
+
+
+def _aliases(server: TrackingServer) -> dict[str, str]:
+    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+    return {k: str(v) for k, v in client.get_registered_model("tiny-assistant").aliases.items()}
+
+
+def test_tracking_server_down_at_start_fails_fast_and_says_what_to_do(
+    prefect_api, tiny_model, data_dir, tmp_path, server
+):
+    cfg = _config(tiny_model, data_dir, tmp_path, server)  # never started
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=rf"MLflow tracking server at {server.url} did not answer"):
+        pipeline(cfg)
+    # bounded: one retry per request, not MLflow's default of seven with backoff (minutes)
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "runs" / "checkpoints").exists()  # nothing started training
+
+
+def test_tracking_server_lost_at_registration_leaves_no_half_registered_version_and_a_rerun_finishes_it(
+    prefect_api, tiny_model, data_dir, tmp_path, server, monkeypatch
+):
+    server.start()
+    cfg = _config(tiny_model, data_dir, tmp_path, server)
+    real_smoke_test = tasks.registry.smoke_test
+
+    def server_dies_during_smoke_test(*args, **kwargs):
+        server.stop()  # the version exists (pending) and holds `challenger`; then the server is gone
+        return real_smoke_test(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.registry, "smoke_test", server_dies_during_smoke_test)
+    with pytest.raises(StoreUnavailable, match="no alias moved"):
+        pipeline(cfg)
+    monkeypatch.undo()
+
+    server.start()
+    [(version, tags)] = _versions(server).items()
+    assert tags["tunegate.registration"] == "pending"
+    assert "champion" not in _aliases(server)  # never served
+
+    result = pipeline(cfg)  # every stage from the cache; the pending registration is finished
+    assert result["registration"]["promoted"] and result["registration"]["version"] == version
+    [(again, tags)] = _versions(server).items()  # registered once
+    assert again == version and tags["tunegate.registration"] == "complete"
+    assert tags["tunegate.completed_by_run_id"] == result["mlflow_run_id"]
+    assert _aliases(server) == {"champion": version}
+
+
+def test_tracking_server_lost_during_training_fails_clearly_and_a_rerun_completes(
+    prefect_api, tiny_model, data_dir, tmp_path, server
+):
+    server.start()
+    cfg = _config(tiny_model, data_dir, tmp_path, server)
+    checkpoints = tmp_path / "runs" / "checkpoints"
+    stopped = threading.Event()
+
+    def stop_when_sft_starts() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(checkpoints.glob(".sft-*.lock")):
+            time.sleep(0.05)
+        server.stop()
+        stopped.set()
+
+    killer = threading.Thread(target=stop_when_sft_starts, daemon=True)
+    killer.start()
+    with pytest.raises(StoreUnavailable, match="start the server again and rerun"):
+        pipeline(cfg)
+    killer.join(timeout=60)
+    assert stopped.is_set()
+
+    server.start()
+    assert _versions(server) == {}
+    result = pipeline(cfg)
+    assert result["registration"]["promoted"]
+    assert _aliases(server) == {"champion": result["registration"]["version"]}
+    assert len(_versions(server)) == 1
