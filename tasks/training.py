@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunegate.artifacts import BASE_REF, ModelArtifact, base_of
+from tunegate.artifacts import BASE_REF, ModelArtifact, base_of, sha256_file
 from tunegate.config import LoraSection, TrainSection
 from tunegate.errors import ConfigError, TrainingError
 
@@ -203,9 +203,16 @@ def require_trained(model, stage: str, before: float | None = None) -> float:
     return delta
 
 
+CHECKSUMS = "tunegate-checksums.json"
+
+
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint (`trainer_state.json` is written after the weights): a
-    checkpoint cut short by a crash is skipped, with a warning."""
+    """The newest usable checkpoint, checked against the checksums written when it was saved.
+
+    A checkpoint cut short by a crash (no `trainer_state.json`, which is written after the weights,
+    or no checksums) is skipped; one whose files no longer match their checksums, or do not parse,
+    is moved aside as `checkpoint-N.corrupt` and the next older one is used. Each is said in the log;
+    with none usable the stage starts fresh."""
     if not checkpoint_dir.is_dir():
         return None
     found = sorted(
@@ -214,11 +221,61 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
         reverse=True,
     )
     for ckpt in found:
-        weights = any(ckpt.glob("*.safetensors")) or any(ckpt.glob("*.bin"))
-        if (ckpt / "trainer_state.json").exists() and weights:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
             return ckpt
-        log.warning("skipping incomplete checkpoint %s (no trainer state or weights)", ckpt)
+        if problem.startswith("incomplete"):
+            log.warning("skipping %s: %s", ckpt, problem)
+            continue
+        aside = ckpt.with_name(f"{ckpt.name}.corrupt")
+        shutil.rmtree(aside, ignore_errors=True)
+        ckpt.rename(aside)
+        older = "falling back to the previous checkpoint" if ckpt != found[-1] else "starting the stage fresh"
+        log.warning("checkpoint %s is corrupted (%s): moved it to %s; %s", ckpt, problem, aside.name, older)
+    if found:
+        log.warning("no usable checkpoint in %s: starting the stage fresh", checkpoint_dir)
     return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None. "incomplete ..." for a save that never finished."""
+    weights = [*ckpt.glob("*.safetensors"), *ckpt.glob("*.bin")]
+    if not (ckpt / "trainer_state.json").exists() or not weights or not (ckpt / CHECKSUMS).exists():
+        return "incomplete (no trainer state, weights or checksums: the save never finished)"
+    try:
+        recorded = json.loads((ckpt / CHECKSUMS).read_text(encoding="utf-8"))
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable state: {exc}"
+    for name, digest in recorded.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if sha256_file(f) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoint_checksums():
+    """A callback that records every file's sha256 in each checkpoint right after it is saved."""
+    from transformers import TrainerCallback
+
+    class Checksums(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                files = {
+                    f.relative_to(ckpt).as_posix(): sha256_file(f)
+                    for f in sorted(ckpt.rglob("*"))
+                    if f.is_file() and f.name != CHECKSUMS
+                }
+                tmp = ckpt / f".{CHECKSUMS}.tmp"
+                tmp.write_text(json.dumps(files, indent=1), encoding="utf-8")
+                os.replace(tmp, ckpt / CHECKSUMS)
+
+    return Checksums()
 
 
 def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
@@ -226,9 +283,14 @@ def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
 
     The directory is claimed with a lock for the duration: a second run with the same inputs at the
     same time trains in a private directory instead of writing into (or deleting) this run's
-    checkpoints. Returns the train output, the step resumed from (0: fresh) and the directory used."""
+    checkpoints. Returns the train output, the step resumed from (0: fresh) and the directory used.
+
+    Raises:
+        TrainingError: the disk filled up while writing a checkpoint (the last complete one is kept).
+    """
     from filelock import FileLock, Timeout
 
+    trainer.add_callback(checkpoint_checksums())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched processes share the parent's claim
         return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +316,28 @@ def _train_from(trainer, checkpoint_dir: Path) -> tuple[Any, int]:
     if ckpt is not None:
         resumed = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
         log.info("resuming from %s (step %d of %d)", ckpt, resumed, trainer.args.max_steps)
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        kept = last_checkpoint(checkpoint_dir)
+        raise TrainingError(
+            f"the disk filled up while writing a checkpoint under {checkpoint_dir} ({exc}); nothing was "
+            f"saved or registered. The last complete checkpoint, {kept.name if kept else 'none'}, is kept: "
+            "free space (or point run.output_dir at a larger disk) and run again to resume from it"
+        ) from exc
     return result, resumed
+
+
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    while exc is not None:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def finish_checkpoints(checkpoint_dir: Path) -> None:

@@ -286,3 +286,81 @@ def test_two_process_launch_trains_and_returns_the_main_process_result(stage_inp
             gpus=2,
             accelerate_config=None,
         )
+
+
+def test_a_corrupted_checkpoint_is_set_aside_and_the_stage_resumes_from_the_one_before(
+    stage_inputs, tmp_path, monkeypatch, caplog
+):
+    import tasks.sft
+
+    _, base, dataset, _ = stage_inputs
+    cfg = _sft_cfg(stage_inputs, max_steps=4, checkpoint_steps=2)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:  # as if the run died right after its last checkpoint
+        m.setattr(tasks.sft, "finish_checkpoints", lambda _: None)
+        train_sft(cfg, dataset, base, out_dir=tmp_path / "first", seed=1, checkpoint_dir=ckpt)
+    assert {p.name for p in ckpt.iterdir() if p.name.startswith("checkpoint-")} == {
+        "checkpoint-2",
+        "checkpoint-4",
+    }
+    weights = ckpt / "checkpoint-4" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # a flipped tail: the file still parses, only its checksum tells
+    weights.write_bytes(bytes(data))
+
+    caplog.set_level("WARNING", logger="tasks.training")
+    resumed = train_sft(cfg, dataset, base, out_dir=tmp_path / "again", seed=1, checkpoint_dir=ckpt)
+    assert resumed.steps == 4 and resumed.metrics["resumed_from_step"] == 2
+    assert "checkpoint-4 is corrupted (adapter_model.safetensors does not match its checksum)" in caplog.text
+    assert "falling back to the previous checkpoint" in caplog.text
+
+
+def test_every_checkpoint_corrupted_starts_the_stage_fresh_and_says_so(stage_inputs, tmp_path, caplog):
+    from tasks.training import CHECKSUMS, last_checkpoint
+
+    ckpt = tmp_path / "ckpt" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 2')  # cut short mid-write
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    (ckpt / CHECKSUMS).write_text("{}")
+    caplog.set_level("WARNING", logger="tasks.training")
+    assert last_checkpoint(tmp_path / "ckpt") is None
+    assert "unreadable state" in caplog.text and "starting the stage fresh" in caplog.text
+    assert (tmp_path / "ckpt" / "checkpoint-2.corrupt").is_dir()  # kept for a look, out of the way
+
+
+def test_disk_full_while_writing_a_checkpoint_fails_clearly_and_keeps_the_previous_one(
+    stage_inputs, tmp_path, monkeypatch
+):
+    """The disk filling up is injected (an OSError ENOSPC from the checkpoint save, after part of the
+    checkpoint is written): a filesystem of a fixed size needs mount rights the suite does not assume."""
+    import errno
+
+    from transformers import Trainer
+
+    from tunegate.errors import TrainingError
+
+    _, base, dataset, _ = stage_inputs
+    cfg = _sft_cfg(stage_inputs, max_steps=6, checkpoint_steps=2)
+    ckpt = tmp_path / "ckpt"
+    real_save = Trainer._save_checkpoint
+    saves = []
+
+    def save_until_the_disk_is_full(self, model, trial):
+        saves.append(self.state.global_step)
+        if len(saves) == 2:
+            partial = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            partial.mkdir(parents=True)
+            (partial / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, model, trial)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_checkpoint", save_until_the_disk_is_full)
+        with pytest.raises(TrainingError, match=r"disk filled up .* checkpoint-2, is kept: free space"):
+            train_sft(cfg, dataset, base, out_dir=tmp_path / "out", seed=1, checkpoint_dir=ckpt)
+    assert not (tmp_path / "out" / "model").exists()
+
+    # Space freed: the rerun resumes from checkpoint-2, skipping the half-written checkpoint-4.
+    resumed = train_sft(cfg, dataset, base, out_dir=tmp_path / "out", seed=1, checkpoint_dir=ckpt)
+    assert resumed.steps == 6 and resumed.metrics["resumed_from_step"] == 2
