@@ -70,6 +70,12 @@ def resolve_paths(spec: str | Path | list[str | Path]) -> list[Path]:
     return sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).suffix in SUPPORTED)
 
 
+def outside_roots(paths: list[Path], roots: list[Path]) -> list[Path]:
+    """The paths that are not inside one of `roots` once `..` and symbolic links are resolved."""
+    real_roots = [r.resolve() for r in roots]
+    return [p for p in paths if not any(p.resolve().is_relative_to(r) for r in real_roots)]
+
+
 def input_bytes(paths: list[Path]) -> int:
     return sum(
         sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size

@@ -477,6 +477,8 @@ def local_stack(
                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                 "TOKENIZERS_PARALLELISM": "false",
                 "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "false",  # never pip/uv install at run time
+                # a config from the UI form reads data only from here (flows/guards.py)
+                "TUNEGATE_DATA_ROOTS": os.environ.get("TUNEGATE_DATA_ROOTS") or str(stack.workdir / "data"),
                 **(worker_env or {}),
             }
             workers = [(pool, "worker")] + ([(training_pool, "training-worker")] if training_pool else [])

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import cache
+from flows.guards import allow_remote_code, check_data_roots, secrets_from_blocks
 from flows.lineage import log_lineage
 from flows.locks import promotion_lock
 from flows.placement import check_deployment, placed
@@ -114,8 +115,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(reg.max_retries)
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(reg.timeout_s)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+    allow_remote_code(config)
+    check_data_roots(config)
     try:
-        return _pipeline(config)
+        with secrets_from_blocks(config.run.secrets) as secret_names:
+            return _pipeline(config, secret_names)
     except Exception as exc:
         if reg.tracking_uri.startswith(("http://", "https://")) and is_transient(exc):
             raise StoreUnavailable(
@@ -132,7 +136,7 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def _pipeline(config: PipelineConfig) -> dict[str, Any]:
+def _pipeline(config: PipelineConfig, secret_names: list[str]) -> dict[str, Any]:
     logger = get_run_logger()
     run_id = flow_run.get_id() or "local"
     run_dir = Path(config.run.output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{str(run_id)[:8]}"
@@ -150,6 +154,8 @@ def _pipeline(config: PipelineConfig) -> dict[str, Any]:
         commit = git_commit()
         _tag_parent(config, run_id, champion.version if champion else None, run_dir, commit)
         mlflow.set_tags({"tunegate.data_digest": data_digest, "tunegate.code_version": code_version()})
+        if secret_names:  # which variables came from Secret blocks; their values go nowhere
+            mlflow.set_tag("tunegate.secrets_from_blocks", ",".join(secret_names))
         if config.run.skip_unchanged_data and champion is not None and champion.data_digest == data_digest:
             reason = f"no new data: the raw data is what champion version {champion.version} was trained on"
             mlflow.set_tags({"tunegate.outcome": "no-new-data", "tunegate.promoted": "false"})
@@ -314,6 +320,7 @@ def _register(config, candidate, verdict, champion, base, dataset, pid, run_id, 
             "tunegate.base_model_digest": base.digest,
             "tunegate.candidate_digest": candidate.digest,
             "tunegate.data_digest": data_digest,
+            "tunegate.trust_remote_code": str(config.model.trust_remote_code).lower(),
         },
         smoke_prompt=_first_eval_prompt(dataset),
         lock=promotion_lock(reg),

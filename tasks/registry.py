@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tasks.model_card import description, model_card
-from tasks.training import is_adapter
+from tasks.training import is_adapter, trust_remote_code
 from tunegate.artifacts import BASE_REF, GateVerdict, ModelArtifact, Registration, base_of
 from tunegate.config import RegistrySection
 from tunegate.errors import ConfigError, PromotionError
@@ -405,7 +405,7 @@ def _log_model(cfg: RegistrySection, candidate: ModelArtifact, base: ModelArtifa
 
     # Components, not the checkpoint path: MLflow's local-checkpoint path breaks on transformers 5's
     # lazily named pipeline classes (flavor_config reads `impl.__name__` from a string).
-    tokenizer = AutoTokenizer.from_pretrained(candidate.path)
+    tokenizer = AutoTokenizer.from_pretrained(candidate.path, trust_remote_code=trust_remote_code())
     info = mlflow.transformers.log_model(
         transformers_model={"model": _load_for_logging(candidate, base), "tokenizer": tokenizer},
         task="text-generation",
@@ -436,7 +436,9 @@ def _load_for_logging(candidate: ModelArtifact, base: ModelArtifact | None):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if on_cuda() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code()
+    )
     return PeftModel.from_pretrained(model, candidate.path)
 
 

@@ -22,6 +22,7 @@ from tasks.training import (
     seed_everything,
     train_resumable,
     trl_kwargs,
+    trust_remote_code,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
@@ -189,10 +190,12 @@ def load_reward_model(path: str):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code()
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

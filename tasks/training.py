@@ -408,11 +408,15 @@ def load_causal_lm(path: str, quantization=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if on_cuda() else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": trust_remote_code(),
+    }
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if is_adapter(path):
@@ -426,6 +430,16 @@ def load_causal_lm(path: str, quantization=None):
             base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **kwargs)
         return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
     return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
+
+
+TRUST_REMOTE_CODE_ENV = "TUNEGATE_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code() -> bool:
+    """Whether loading a model may run code shipped with it: only with `model.trust_remote_code: true`,
+    which the pipeline passes on as TUNEGATE_TRUST_REMOTE_CODE=1 (launched processes and training
+    workers inherit it). Off otherwise, whatever the model's files ask for."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
 
 
 def seed_everything(seed: int) -> None:

@@ -115,4 +115,6 @@ def _digest(path: str | Path) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from tasks.training import trust_remote_code
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())

@@ -98,6 +98,7 @@ def stack(tmp_path_factory):
         worker_env={
             "PREFECT_WORKER_QUERY_SECONDS": "1",  # picks a triggered run up within a second
             "TUNEGATE_SCRATCH": str(home / "scratch"),  # the training worker's work directory
+            "TUNEGATE_DATA_ROOTS": str(tmp_path_factory.getbasetemp()),  # the tests' data and models
         },
     ) as running:
         yield running
@@ -324,6 +325,45 @@ def test_placement_pools_runs_each_training_stage_as_a_flow_run_on_the_training_
     )
     sft = next(r for r in stage_runs if r.data.tags.get("tunegate.stage") == "sft")
     assert len(mlflow.get_metric_history(sft.info.run_id, "loss")) >= 1, sorted(sft.data.metrics)
+
+
+def test_the_stack_listens_on_127_0_0_1_only(stack):
+    ports = {int(url.rsplit(":", 1)[1]) for url in (stack.prefect_url, stack.mlflow_url)}
+    listening: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.split(":")
+            if state == "0A" and int(port, 16) in ports:  # LISTEN
+                listening.setdefault(int(port, 16), set()).add(address)
+    # 0100007F is 127.0.0.1 (little-endian hex); 0.0.0.0 or :: would be every interface
+    assert listening == {port: {"0100007F"} for port in ports}, listening
+
+
+def test_a_run_from_the_form_cannot_read_data_outside_the_workers_data_roots(
+    deployed, tiny_model, data_dir, tmp_path
+):
+    import tempfile
+    from pathlib import Path
+
+    from prefect.deployments import run_deployment
+
+    outside = Path(tempfile.mkdtemp(prefix="tunegate-outside-"))  # not under the roots the worker allows
+    try:
+        shutil.copy(data_dir / "sft.jsonl", outside / "sft.jsonl")
+        raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+        raw["data"]["sft"] = str(outside / "sft.jsonl")
+        raw["registry"].update(tracking_uri=deployed.mlflow_url, experiment="escape", model_name="escape")
+        del raw["registry"]["artifact_root"]
+        with _client(deployed):
+            flow_run = run_deployment(FINETUNE, parameters={"config": raw}, timeout=0)
+        state = _wait_final(deployed, flow_run.id, timeout_s=300)
+    finally:
+        shutil.rmtree(outside)
+    assert state.is_failed(), state
+    assert "outside the data roots this worker allows" in state.message, state.message
+    mlflow = MlflowClient(tracking_uri=deployed.mlflow_url)
+    assert mlflow.get_experiment_by_name("escape") is None  # stopped before anything was written
 
 
 def test_finetune_started_from_the_ui_run_form_completes_and_registers_the_champion(

@@ -72,6 +72,14 @@ class RunSection(Section):
             "path, s3://bucket/prefix (pip install s3fs) or gs://bucket/prefix (pip install gcsfs)."
         ),
     )
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Environment variables to fill from Prefect Secret blocks for the run, e.g. "
+            "{HF_TOKEN: hf-token, MLFLOW_TRACKING_PASSWORD: mlflow-password}: names here, values only in "
+            "the blocks (or set the variables in the worker's environment). Never logged."
+        ),
+    )
     training_deployment: str = Field(
         "tunegate-train-stage/train",
         description="The deployment (flow/deployment) that runs a training stage for placement: pools.",
@@ -578,7 +586,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key:
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)  # safe: tags such as !!python/object are refused
+        except yaml.YAMLError as exc:
+            problems.append(f"override {item!r}: not a plain YAML value ({str(exc).splitlines()[0]})")
+            continue
+        _set_dotted(raw, key.strip(), parsed)
     if problems:
         raise ConfigError(problems, source)
     return parse_config(raw, source)
