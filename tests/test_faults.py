@@ -153,3 +153,66 @@ def test_tracking_server_lost_during_training_fails_clearly_and_a_rerun_complete
     assert result["registration"]["promoted"]
     assert _aliases(server) == {"champion": result["registration"]["version"]}
     assert len(_versions(server)) == 1
+
+
+RUN = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_a_pipeline_killed_in_each_training_stage_resumes_from_checkpoints_and_registers_once(
+    tiny_model, data_dir, tmp_path
+):
+    """`tunegate run` as a real process, SIGKILLed (with everything it started) once it has written
+    the second checkpoint of SFT, then of the reward model, then of alignment; each rerun takes the
+    finished stages from the cache and resumes the killed one from its last checkpoint."""
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    for section in ("sft", "reward", "align"):
+        raw[section].update(max_steps=6, checkpoint_steps=2)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    checkpoints = tmp_path / "runs" / "checkpoints"
+
+    def run(kill_in: str | None) -> str:
+        log = tmp_path / f"run-{kill_in or 'final'}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", RUN, "run", "--config", str(cfg_path)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: the kill reaches all it started
+            )
+        if kill_in is None:
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+            return log.read_text()
+        deadline = time.monotonic() + 600
+        while not list(checkpoints.glob(f"{kill_in}-*/checkpoint-4/tunegate-checksums.json")):
+            assert proc.poll() is None, f"ended before {kill_in} checkpointed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        return log.read_text()
+
+    for stage in ("sft", "reward", "align"):
+        run(kill_in=stage)
+    final = run(kill_in=None)
+    assert "alias champion" in final, final[-2000:]
+
+    client = MlflowClient(tracking_uri=raw["registry"]["tracking_uri"])
+    assert len(client.search_model_versions("name='tiny-assistant'")) == 1  # registered once
+    experiment = client.get_experiment_by_name("test").experiment_id
+    for stage in ("sft", "reward-model", "align"):
+        runs = client.search_runs([experiment], filter_string=f"tags.`tunegate.stage` = '{stage}'")
+        resumed = [r.data.metrics.get("final.resumed_from_step") for r in runs]
+        assert 4.0 in resumed, (stage, resumed)  # the run after the kill went on from checkpoint-4
