@@ -339,7 +339,17 @@ def test_two_concurrent_runs_promote_exactly_one(tiny_model, data_dir, tmp_path)
     client = _client(parse_config(raw))
     aliases = _aliases(client)
     assert set(aliases) == {"champion"} and f"champion moved from none to {aliases['champion']}" in loser
-    assert len(client.search_model_versions("name='tiny-assistant'")) == 2  # both registered, one promoted
+    versions = client.search_model_versions("name='tiny-assistant'")
+    assert len(versions) == 2  # both registered, one promoted
+    assert {v.tags["tunegate.registration"] for v in versions} == {"complete"}
+    # The stores they shared are whole: every run finished, every cached stage record reads back.
+    from flows import cache
+
+    experiment = client.get_experiment_by_name("test").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"FINISHED"}
+    records = list((tmp_path / "runs" / "cache").rglob("*.json"))
+    assert records and all(cache.load(str(r)) is not None for r in records)
+    assert not list((tmp_path / "runs" / "cache").rglob("*.tmp"))
 
 
 def test_remote_store_promotion_lock_comes_from_the_flow():
