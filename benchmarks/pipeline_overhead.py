@@ -140,20 +140,23 @@ def _common(section, out: Path, seed: int) -> dict:
 
 def _lora(lora, model, task: str, config_cls):
     """LoRA on every linear layer of the top `top_layers` blocks, as the demo config asks."""
-    layers = None
+    layers, targets = None, "all-linear"
     if lora.top_layers:
         n = model.config.num_hidden_layers
         layers = list(range(n - lora.top_layers, n))
+        # PEFT restricts layers only with explicit module names: Llama's linear layers
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return config_cls(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
-        target_modules="all-linear",
+        target_modules=targets,
         layers_to_transform=layers,
         task_type=task,
     )
 
 
 def pipeline_run(work: Path, overrides: list[str]) -> tuple[float, dict[str, float], str]:
+    work.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{work / 'mlflow.db'}"
     argv = [
         "run",
@@ -177,8 +180,12 @@ def pipeline_run(work: Path, overrides: list[str]) -> tuple[float, dict[str, flo
         )
     from mlflow import MlflowClient
 
+    from tunegate.config import load_config
+
     client = MlflowClient(tracking_uri=store)
-    experiment = client.get_experiment_by_name("tunegate")
+    experiment = client.get_experiment_by_name(
+        load_config(ROOT / "configs" / "demo.yaml", overrides).registry.experiment
+    )
     stages = {}
     for r in client.search_runs([experiment.experiment_id]):
         stage = r.data.tags.get("tunegate.stage")

@@ -60,6 +60,9 @@ def test_planted_secrets_appear_nowhere_the_run_wrote(
     client = MlflowClient(tracking_uri=raw["registry"]["tracking_uri"])
     tags = client.get_run(result["mlflow_run_id"]).data.tags
     assert tags["tunegate.secrets_from_blocks"] == "TUNEGATE_PLANTED_FROM_BLOCK"  # the name, not the value
+    # lineage records that no model code was allowed to run, on the run and on the version
+    version = client.get_model_version("tiny-assistant", result["registration"]["version"])
+    assert tags["tunegate.trust_remote_code"] == version.tags["tunegate.trust_remote_code"] == "false"
 
     secrets = [*PLANTED.values(), BLOCK_SECRET]
     scanned = 0
