@@ -121,7 +121,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         with secrets_from_blocks(config.run.secrets) as secret_names:
             return _pipeline(config, secret_names)
     except Exception as exc:
-        if reg.tracking_uri.startswith(("http://", "https://")) and is_transient(exc):
+        if _tracking_server_unreachable(exc, reg.tracking_uri):
             raise StoreUnavailable(
                 f"the MLflow tracking server at {reg.tracking_uri} did not answer ({reg.max_retries} retries "
                 f"per request, {reg.timeout_s:g} s timeout): {_first_line(exc)}. Nothing was promoted and no "
@@ -129,6 +129,20 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
                 "a registration cut short is finished, not repeated"
             ) from exc
         raise
+
+
+def _tracking_server_unreachable(exc: BaseException | None, uri: str) -> bool:
+    """A transient failure that names the tracking server (MLflow's errors carry the request URL)."""
+    from urllib.parse import urlsplit
+
+    if not uri.startswith(("http://", "https://")):
+        return False
+    host = urlsplit(uri).netloc
+    while exc is not None:
+        if is_transient(exc) and host in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -216,3 +216,20 @@ def test_a_pipeline_killed_in_each_training_stage_resumes_from_checkpoints_and_r
         runs = client.search_runs([experiment], filter_string=f"tags.`tunegate.stage` = '{stage}'")
         resumed = [r.data.metrics.get("final.resumed_from_step") for r in runs]
         assert 4.0 in resumed, (stage, resumed)  # the run after the kill went on from checkpoint-4
+
+
+def test_only_failures_that_name_the_tracking_server_are_reported_as_it_being_down():
+    from flows.pipeline import _tracking_server_unreachable as unreachable
+
+    uri = "http://127.0.0.1:5000"
+    down = ConnectionError(
+        "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed: Max retries exceeded"
+    )
+    assert unreachable(RuntimeError("stage failed").with_traceback(None), uri) is False
+    assert (
+        unreachable(RuntimeError("sqlite3.OperationalError: database is locked"), uri) is False
+    )  # Prefect's
+    wrapped = RuntimeError("the sft stage failed")
+    wrapped.__cause__ = down
+    assert unreachable(wrapped, uri) and unreachable(down, uri)
+    assert not unreachable(down, "sqlite:///mlflow.db")  # a local store has no server to be down
