@@ -138,7 +138,9 @@ def _tracking_server_unreachable(exc: BaseException | None, uri: str) -> bool:
     if not uri.startswith(("http://", "https://")):
         return False
     host = urlsplit(uri).netloc
-    while exc is not None:
+    for _ in range(20):  # the chain of causes, bounded (a chain can loop)
+        if exc is None:
+            return False
         if is_transient(exc) and host in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
