@@ -102,7 +102,7 @@ def on_pool(stage: str, run: RunSection, args: tuple, kwargs: dict[str, Any]) ->
     outcome = store.get_json(result)
     where = f"{stage}: flow run {flow_run.name} ({flow_run.id}) of {run.training_deployment}"
     if outcome is not None and "error" in outcome:
-        raise _error(outcome)
+        raise errors.from_outcome(outcome)
     if state is None or not state.is_final():
         _cancel(flow_run.id)
         raise errors.TrainingError(f"{where} did not finish within {run.stage_timeout_s} s; cancelled it")
@@ -136,10 +136,7 @@ def train_stage(
     try:
         model = run_stage(store, stage, spec, scratch, mlflow_run)
     except errors.TunegateError as exc:  # the pipeline raises it again, as its own type
-        store.put_json(
-            result,
-            {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)},
-        )
+        store.put_json(result, errors.to_outcome(exc))
         raise
     store.put_json(result, {"artifact": model.model_dump(mode="json")})
     logger.info("%s: published %s", stage, model.path)
@@ -218,13 +215,6 @@ def _dump(a: Any) -> Any:
 
 def _load(t: type, a: Any) -> Any:
     return t.model_validate(a) if a is not None else None
-
-
-def _error(outcome: dict[str, Any]) -> errors.TunegateError:
-    cls = getattr(errors, outcome["error"], errors.TrainingError)
-    if cls is errors.ConfigError:
-        return errors.ConfigError(outcome.get("problems") or [outcome["message"]])
-    return cls(outcome["message"])
 
 
 def _cancel(flow_run_id) -> None:

@@ -109,10 +109,7 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     if outcome is None and (failed := _rank_errors(result)):  # a worker failed before the main process wrote
         outcome = json.loads(failed[0].read_text())
     if outcome and "error" in outcome:
-        cls = getattr(errors, outcome["error"], errors.TrainingError)
-        if cls is errors.ConfigError:
-            raise errors.ConfigError(outcome.get("problems") or [outcome["message"]])
-        raise cls(outcome["message"])
+        raise errors.from_outcome(outcome)
     if code != 0 or outcome is None:
         tail = "".join(logfile.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-20:])
         raise errors.TrainingError(
@@ -143,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact = stage_function(spec["stage"])(*args, **kwargs)
     except errors.TunegateError as exc:
         # every rank reports: the launcher may stop the main process as soon as another rank exits
-        outcome = {
-            "error": type(exc).__name__,
-            "message": str(exc),
-            "problems": getattr(exc, "problems", None),
-        }
+        outcome = errors.to_outcome(exc)
         _write_atomic(result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}.json"), outcome)
         return 1
     if rank == 0:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.placement import WorkerLost, _error, run_stage
+from flows.placement import WorkerLost, run_stage
 from flows.retries import is_transient
 from tasks.training import load_causal_lm
 from tests.conftest import tiny_raw_config
 from tunegate.artifact_store import COMPLETE, ArtifactStore, ArtifactStoreError
 from tunegate.artifacts import BASE_REF, ModelArtifact, base_of, sha256_dir
 from tunegate.config import parse_config
-from tunegate.errors import ConfigError, StageGateFailed
+from tunegate.errors import ConfigError, StageGateFailed, from_outcome
 
 
 def _model(path: Path, role: str = "base") -> ModelArtifact:
@@ -148,8 +148,8 @@ def test_a_training_stage_as_the_gpu_worker_runs_it_from_the_shared_root(stage_i
 
 
 def test_the_pipeline_raises_the_stage_error_by_type_and_retries_only_a_lost_worker():
-    assert isinstance(_error({"error": "StageGateFailed", "message": "guard"}), StageGateFailed)
-    config_error = _error({"error": "ConfigError", "message": "x", "problems": ["sft.mode: no"]})
+    assert isinstance(from_outcome({"error": "StageGateFailed", "message": "guard"}), StageGateFailed)
+    config_error = from_outcome({"error": "ConfigError", "message": "x", "problems": ["sft.mode: no"]})
     assert isinstance(config_error, ConfigError) and "sft.mode: no" in str(config_error)
     assert is_transient(WorkerLost("sft: flow run crashed (worker lost or preempted)"))
 

@@ -46,3 +46,18 @@ class PromotionError(TunegateError):
 
 class StoreUnavailable(TunegateError):
     """A store (the MLflow tracking server) did not answer within its bounded retries."""
+
+
+def to_outcome(exc: TunegateError) -> dict[str, Any]:
+    """A stage's error as JSON, for another process to raise again (`from_outcome`)."""
+    return {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)}
+
+
+def from_outcome(outcome: dict[str, Any]) -> TunegateError:
+    """The error `to_outcome` wrote, as its own type (a TrainingError for a type it does not know)."""
+    cls = globals().get(outcome["error"])
+    if not (isinstance(cls, type) and issubclass(cls, TunegateError)):
+        cls = TrainingError
+    if cls is ConfigError:
+        return ConfigError(outcome.get("problems") or [outcome["message"]])
+    return cls(outcome["message"])
