@@ -459,12 +459,7 @@ def local_stack(
         try:
             server_cmd = [*prefect_cmd, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
             services.append(_Service.start("prefect-server", server_cmd, env, base, logs))
-            mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-            mlflow_cmd += ["--port", str(mlflow_port), "--workers", "1"]
-            mlflow_cmd += ["--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}"]
-            mlflow_cmd += ["--artifacts-destination", str(base / "mlartifacts")]
-            # Job execution serves GenAI evaluation jobs: six idle processes that tunegate never uses.
-            mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            mlflow_cmd, mlflow_env = mlflow_server(base, mlflow_port, env)
             services.append(_Service.start("mlflow-server", mlflow_cmd, mlflow_env, base, logs))
             deadline = time.monotonic() + timeout_s
             services[0].wait_healthy(f"{stack.api_url}/health", deadline)
@@ -495,6 +490,16 @@ def local_stack(
         finally:
             for service in reversed(services):  # the worker first, while its server still answers
                 service.stop()
+
+
+def mlflow_server(home: Path, port: int, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of an MLflow tracking server on 127.0.0.1:`port`, its store
+    (`mlflow.db`, `mlartifacts/`) under `home`."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", str(home / "mlartifacts")]
+    # Job execution serves GenAI evaluation jobs: six idle processes that tunegate never uses.
+    return cmd, {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false"}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.registry
-from flows.deploy import _Service
+from flows.deploy import _Service, mlflow_server
 from flows.pipeline import pipeline
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
@@ -44,13 +44,10 @@ class TrackingServer:
         self.service: _Service | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.home / "mlartifacts")]
-        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false"}
         import os
 
-        self.service = _Service.start("mlflow-server", cmd, {**os.environ, **env}, self.home, self.home)
+        cmd, env = mlflow_server(self.home, self.port, os.environ)  # as `tunegate up` starts it
+        self.service = _Service.start("mlflow-server", cmd, env, self.home, self.home)
         self.service.wait_healthy(f"{self.url}/health", time.monotonic() + 120)
 
     def stop(self) -> None:
