@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from data_checks.checks import CheckSettings, _check_chunk  # noqa: E402
-from data_checks.readers import iter_chunks  # noqa: E402
 from tests.fuzz_inputs import FORMATS, KINDS, check_file, files, write  # noqa: E402
 
 
@@ -36,9 +34,8 @@ def _fuzzer(fmt: str, totals: Counter, examples: int):
         with tempfile.TemporaryDirectory() as tmp:
             path = write(Path(tmp) / f"input.{fmt}", content)
             totals[f"{fmt} files"] += 1
-            totals["rows read"] += check_file(kind, path)
-            for chunk in iter_chunks([path]):
-                r = _check_chunk(CheckSettings(kind, None, None, None, 512, True, 5), chunk)
+            for r in check_file(kind, path):
+                totals["rows read"] += r.rows_read
                 totals["valid rows"] += len(r.shapes)
                 for name, tally in r.tallies.items():
                     totals[f"{name} findings"] += tally.count

@@ -14,7 +14,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from data_checks.checks import CheckSettings, _check_chunk
+from data_checks.checks import CheckSettings, ChunkResult, _check_chunk
 from data_checks.readers import iter_chunks
 
 KINDS = ("sft", "preferences", "prompts", "eval")
@@ -169,15 +169,15 @@ def write(path: Path, content: bytes | list[dict[str, Any]]) -> Path:
     return path
 
 
-def check_file(kind: str, path: Path) -> int:
-    """Run the per-row checks over `path` and assert the invariant; return the rows read."""
+def check_file(kind: str, path: Path) -> list[ChunkResult]:
+    """Run the per-row checks over `path`, assert the invariant, and return each chunk's result."""
     settings = CheckSettings(kind, None, None, None, 512, True, 5)
-    total = 0
+    results = []
     for chunk in iter_chunks([path]):
         result = _check_chunk(settings, chunk)
         rejected = sum(result.tallies[t].count for t in ("shape", "schema"))
         assert len(result.shapes) + rejected == result.rows_read, (result.rows_read, rejected)
         for name in ("parse", "shape", "schema"):
             assert all(s.where.startswith(str(path)) for s in result.tallies[name].samples), name
-        total += result.rows_read
-    return total
+        results.append(result)
+    return results
