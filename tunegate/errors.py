@@ -32,6 +32,16 @@ class TrainingError(TunegateError):
     """A training stage could not produce a usable model (NaN loss, nothing trained, ...)."""
 
 
+class OutOfMemory(TrainingError):
+    """A stage ran out of memory (GPU or CPU); `settings` are the config fields that lower its use.
+    Never retried: a rerun with the same settings runs out of memory again."""
+
+    def __init__(self, message: str, stage: str | None = None, settings: list[str] | None = None) -> None:
+        self.stage = stage
+        self.settings = list(settings or [])
+        super().__init__(message)
+
+
 class StageGateFailed(TunegateError):
     """A gate inside the pipeline (e.g. the reward model's accuracy floor) stopped the run."""
 
@@ -50,7 +60,10 @@ class StoreUnavailable(TunegateError):
 
 def to_outcome(exc: TunegateError) -> dict[str, Any]:
     """A stage's error as JSON, for another process to raise again (`from_outcome`)."""
-    return {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)}
+    outcome = {"error": type(exc).__name__, "message": str(exc), "problems": getattr(exc, "problems", None)}
+    if isinstance(exc, OutOfMemory):
+        outcome.update(stage=exc.stage, settings=exc.settings)
+    return outcome
 
 
 def from_outcome(outcome: dict[str, Any]) -> TunegateError:
@@ -60,4 +73,6 @@ def from_outcome(outcome: dict[str, Any]) -> TunegateError:
         cls = TrainingError
     if cls is ConfigError:
         return ConfigError(outcome.get("problems") or [outcome["message"]])
+    if cls is OutOfMemory:
+        return OutOfMemory(outcome["message"], outcome.get("stage"), outcome.get("settings"))
     return cls(outcome["message"])
