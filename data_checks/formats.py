@@ -27,13 +27,6 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 
-SHAPES: dict[str, tuple[str, ...]] = {
-    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
-    "preferences": ("preference_explicit", "preference_implicit"),
-    "prompts": ("prompt_only", "messages"),
-    "eval": ("eval_prompt",),
-}
-
 
 def arrow_schema(kind: str):
     """The Parquet schema of a kind's normalised rows (what the build stage writes and TRL reads)."""

@@ -1,5 +1,6 @@
 """What a run may touch, decided before it touches anything: the data roots a run from the Prefect
-UI is confined to, the secrets it reads from Prefect Secret blocks, whether model code may run."""
+UI is confined to, and the secrets it reads from Prefect Secret blocks. (Whether model code may run
+travels with each model's record: `ModelArtifact.trust_remote_code`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_checks.readers import outside_roots, resolve_paths
-from tasks.training import TRUST_REMOTE_CODE_ENV
 from tunegate.config import PipelineConfig
 from tunegate.errors import ConfigError
 
@@ -38,11 +38,6 @@ def check_data_roots(config: PipelineConfig) -> None:
             )
     if problems:
         raise ConfigError(problems)
-
-
-def allow_remote_code(config: PipelineConfig) -> None:
-    """Model code runs only when the config says so; launched processes and workers inherit it."""
-    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if config.model.trust_remote_code else "0"
 
 
 @contextlib.contextmanager

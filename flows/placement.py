@@ -30,7 +30,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks.launch import STAGES, launched
-from tasks.training import TRUST_REMOTE_CODE_ENV, trust_remote_code
 from tunegate import errors
 from tunegate.artifact_store import ArtifactStore
 from tunegate.artifacts import InstructionDataset, ModelArtifact
@@ -79,7 +78,6 @@ def on_pool(stage: str, run: RunSection, args: tuple, kwargs: dict[str, Any]) ->
         "accelerate_config": kwargs.get("accelerate_config"),
         # content-keyed (see flows/pipeline.py): a stage started again on the same volume resumes
         "checkpoint_name": Path(checkpoint_dir).name if checkpoint_dir else None,
-        "trust_remote_code": trust_remote_code(),
     }
     active = mlflow.active_run()
     tracking = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id} if active else None
@@ -153,7 +151,6 @@ def run_stage(
     """What `train_stage` does, without Prefect: the stage's model, published to `store`."""
     import mlflow
 
-    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if spec.get("trust_remote_code") else "0"
     types = STAGES[stage][1]
     cache = scratch / "artifacts"
     args = [

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tasks.evaluate import completion_loss, generate_answers
 from tasks.reward import load_reward_model, score_conversations
+from tasks.telemetry import training_telemetry
+from tasks.trainer_args import trainer_config
 from tasks.training import (
     finish_checkpoints,
     finite_loss_guard,
@@ -29,7 +31,6 @@ from tasks.training import (
     save_policy,
     seed_everything,
     train_resumable,
-    trl_kwargs,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
@@ -52,7 +53,8 @@ def align_policy(
     """Align `policy` (GRPO/RLOO against `reward` plus rule rewards, or DPO on the pairs).
 
     Raises:
-        ConfigError: a rule reward cannot be imported; an online method without a reward model.
+        ConfigError: a rule reward cannot be imported; an online method without a reward model;
+            `trl_args` that TRL or tunegate refuse.
         StageGateFailed: the reward-hacking guard tripped.
         TrainingError: NaN/inf loss, or nothing trained.
     """
@@ -61,39 +63,32 @@ def align_policy(
     from datasets import Dataset
 
     checkpoint_dir = checkpoint_dir or out_dir / "trainer"
-    model, tokenizer = load_causal_lm(policy.path)
+    args = trainer_config("align", cfg, output_dir=checkpoint_dir, seed=seed)
+    model, tokenizer = load_causal_lm(policy.path, trust_remote_code=policy.trust_remote_code)
     peft_config = peft_for(cfg, "CAUSAL_LM", model)
     before = None if peft_config is not None else weights_fingerprint(model)
-    kwargs = {**trl_kwargs(cfg, checkpoint_dir, seed), "beta": cfg.beta}
     reward_model = reward_tokenizer = None
+    telemetry = training_telemetry("align", out_dir / "progress.json")
     if cfg.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(**{**kwargs, "max_length": cfg.max_length, **cfg.trl_args}),
+            args=args,
             train_dataset=Dataset.from_parquet(data.splits["pref_train"].path),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[finite_loss_guard()],
+            callbacks=[finite_loss_guard(), telemetry],
         )
     else:
         if reward is None:
             raise ConfigError([f"align.method={cfg.method} needs a trained reward model"])
         rules = [_import_reward(p) for p in cfg.rule_rewards]
         prompts = Dataset.from_parquet(data.splits["prompts"].path).select_columns(["prompt"])
-        reward_model, reward_tokenizer = load_reward_model(reward.path)
-        trainer_cls, config_cls = _online_trainer(cfg.method)
-        args = config_cls(
-            **{
-                **kwargs,
-                "num_generations": cfg.num_generations,
-                "max_completion_length": cfg.max_completion_length,
-                "temperature": cfg.temperature,
-                **cfg.trl_args,
-            }
+        reward_model, reward_tokenizer = load_reward_model(
+            reward.path, trust_remote_code=reward.trust_remote_code
         )
-        trainer = trainer_cls(
+        trainer = _online_trainer(cfg.method)(
             model=model,
             reward_funcs=[reward_model, *rules],
             args=args,
@@ -101,7 +96,7 @@ def align_policy(
             processing_class=tokenizer,
             reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
             peft_config=peft_config,
-            callbacks=[finite_loss_guard()],
+            callbacks=[finite_loss_guard(), telemetry],
         )
     _, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, cfg.method, before)
@@ -109,12 +104,11 @@ def align_policy(
         "weights_delta": delta,
         "resumed_from_step": float(resumed),
         **_summarise(trainer.state.log_history),
+        **telemetry.totals(),
     }
     if cfg.guard.enabled:
         metrics.update(
-            reward_hacking_guard(
-                cfg, data, policy.path, trainer.model, tokenizer, reward_model, reward_tokenizer
-            )
+            reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, reward_model, reward_tokenizer)
         )
     path = out_dir / "model"
     save_policy(trainer, tokenizer, path, cfg.save, policy)
@@ -127,13 +121,14 @@ def align_policy(
         digest=sha256_dir(path),
         metrics=metrics,
         steps=trainer.state.global_step,
+        trust_remote_code=policy.trust_remote_code,
     )
 
 
 def reward_hacking_guard(
     cfg: AlignSection,
     data: InstructionDataset,
-    sft_path: str,
+    sft: ModelArtifact,
     aligned,
     tokenizer,
     reward_model,
@@ -154,7 +149,7 @@ def reward_hacking_guard(
         return {}
     prompts = [r["prompt"] for r in rows[: cfg.guard.prompts]]
     gen = EvaluateSection(max_new_tokens=cfg.max_completion_length, batch_size=16)
-    sft_model, _ = load_causal_lm(sft_path)
+    sft_model, _ = load_causal_lm(sft.path, trust_remote_code=sft.trust_remote_code)
     figures: dict[str, float] = {}
     for label, model in (("sft", sft_model), ("aligned", aligned)):
         model.eval()
@@ -201,9 +196,9 @@ def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
 
 
 def _online_trainer(method: str):
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
-    return (GRPOTrainer, GRPOConfig) if method == "grpo" else (RLOOTrainer, RLOOConfig)
+    return GRPOTrainer if method == "grpo" else RLOOTrainer
 
 
 def _import_reward(dotted: str) -> Callable:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tasks.telemetry import training_telemetry
+from tasks.trainer_args import trainer_config
 from tasks.training import (
     finish_checkpoints,
     finite_loss_guard,
@@ -21,8 +23,6 @@ from tasks.training import (
     save_policy,
     seed_everything,
     train_resumable,
-    trl_kwargs,
-    trust_remote_code,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
@@ -44,28 +44,30 @@ def train_reward_model(
     """Train a reward model; return it with held-out pairwise accuracy and length-bias figures.
 
     Raises:
+        ConfigError: mode=qlora without CUDA; `trl_args` that TRL or tunegate refuse.
         StageGateFailed: below `cfg.min_accuracy`, or length-biased (nothing downstream runs).
         TrainingError: NaN/inf loss, or nothing trained.
     """
     require_mode_supported(cfg, "reward")
     seed_everything(seed)
     from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
     checkpoint_dir = checkpoint_dir or out_dir / "trainer"
+    args = trainer_config("reward", cfg, output_dir=checkpoint_dir, seed=seed)
     train = Dataset.from_parquet(data.splits["pref_train"].path)
     held_out = Dataset.from_parquet(data.splits["pref_eval"].path)
-    model, tokenizer = _setup_model(backbone.path)
+    model, tokenizer = _setup_model(backbone.path, backbone.trust_remote_code)
     peft_config = peft_for(cfg, "SEQ_CLS", model)
     before = None if peft_config is not None else weights_fingerprint(model)
-    args = RewardConfig(**trl_kwargs(cfg, checkpoint_dir, seed), max_length=cfg.max_length)
+    telemetry = training_telemetry("reward", out_dir / "progress.json")
     trainer = RewardTrainer(
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[finite_loss_guard()],
+        callbacks=[finite_loss_guard(), telemetry],
     )
     result, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
     delta = require_trained(trainer.model, "reward", before)
@@ -77,6 +79,7 @@ def train_reward_model(
         "resumed_from_step": float(resumed),
         "eval_pairs": float(len(pairs)),
         **length_bias(pairs, chosen, rejected),
+        **telemetry.totals(),
     }
     log.info("reward model: %s", metrics)
     check_reward_model(cfg, metrics)
@@ -90,6 +93,7 @@ def train_reward_model(
         digest=sha256_dir(path),
         metrics=metrics,
         steps=trainer.state.global_step,
+        trust_remote_code=backbone.trust_remote_code,
     )
 
 
@@ -186,24 +190,26 @@ def score_conversations(
     return scores
 
 
-def load_reward_model(path: str):
+def load_reward_model(path: str, *, trust_remote_code: bool = False):
+    """A sequence classifier with one output (the reward) and its tokenizer, fp32. Code shipped with
+    the model runs only with `trust_remote_code`."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code()
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
-def _setup_model(path: str):
+def _setup_model(path: str, trust_remote_code: bool):
     import torch
 
-    model, tokenizer = load_reward_model(path)
+    model, tokenizer = load_reward_model(path, trust_remote_code=trust_remote_code)
     if on_cuda():
         model = model.to(torch.bfloat16)
     return model, tokenizer

@@ -13,6 +13,8 @@ import logging
 import math
 from pathlib import Path
 
+from tasks.telemetry import training_telemetry
+from tasks.trainer_args import trainer_config
 from tasks.training import (
     finish_checkpoints,
     finite_loss_guard,
@@ -24,7 +26,6 @@ from tasks.training import (
     save_policy,
     seed_everything,
     train_resumable,
-    trl_kwargs,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
@@ -49,44 +50,36 @@ def train_sft(
     with the same directory resumes from the last good one and finishes at the same total steps.
 
     Raises:
-        ConfigError: mode=qlora without CUDA.
+        ConfigError: mode=qlora without CUDA; `trl_args` that TRL or tunegate refuse.
         TrainingError: the loss became NaN/inf, or nothing changed.
     """
     require_mode_supported(cfg, "sft")
     seed_everything(seed)
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     checkpoint_dir = checkpoint_dir or out_dir / "trainer"
+    args = trainer_config("sft", cfg, output_dir=checkpoint_dir, seed=seed)
     train = Dataset.from_parquet(data.splits["sft_train"].path)
     evalset = Dataset.from_parquet(data.splits["sft_eval"].path) if data.splits["sft_eval"].rows else None
-    model, tokenizer = load_causal_lm(base.path, quantization_config(cfg))
+    model, tokenizer = load_causal_lm(
+        base.path, quantization_config(cfg), trust_remote_code=base.trust_remote_code
+    )
     peft_config = peft_for(cfg, "CAUSAL_LM", model)
-    kwargs = trl_kwargs(cfg, checkpoint_dir, seed)
-    callbacks = [finite_loss_guard()]
+    telemetry = training_telemetry("sft", out_dir / "progress.json")
+    callbacks = [finite_loss_guard(), telemetry]
     if cfg.early_stopping_patience is not None:
         if evalset is None:
             raise TrainingError(
                 "sft.early_stopping_patience needs held-out SFT rows (build.eval_fraction > 0)"
             )
-        # The best model is restored from its checkpoint, so evaluation and saving share one cadence.
-        kwargs.update(
-            eval_strategy="steps",
-            eval_steps=cfg.eval_steps,
-            save_strategy="steps",
-            save_steps=cfg.eval_steps,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            greater_is_better=False,
-        )
-        callbacks.append(
+        callbacks.append(  # evaluation and best-model settings: tasks/trainer_args.py
             EarlyStoppingCallback(
                 early_stopping_patience=cfg.early_stopping_patience,
                 early_stopping_threshold=cfg.early_stopping_min_delta,
             )
         )
-    args = SFTConfig(**{**kwargs, "max_length": cfg.max_length, "packing": cfg.packing, **cfg.trl_args})
     before = None if peft_config is not None else weights_fingerprint(model)
     trainer = SFTTrainer(
         model=model,
@@ -105,12 +98,7 @@ def train_sft(
         "resumed_from_step": float(resumed),
         "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
     }
-    tokens = [
-        h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "eval_loss" not in h
-    ]
-    if tokens:  # as of the last logging step
-        metrics["train_tokens"] = float(tokens[-1])
-        metrics["train_tokens_per_s"] = float(tokens[-1]) / max(float(result.metrics["train_runtime"]), 1e-9)
+    metrics.update(telemetry.totals())
     if evalset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     if trainer.state.best_model_checkpoint:
@@ -129,4 +117,5 @@ def train_sft(
         digest=sha256_dir(path),
         metrics=metrics,
         steps=trainer.state.global_step,
+        trust_remote_code=base.trust_remote_code,
     )

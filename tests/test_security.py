@@ -14,7 +14,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.guards import check_data_roots
 from flows.pipeline import pipeline
-from tasks.training import TRUST_REMOTE_CODE_ENV, load_causal_lm
+from tasks.base_model import prepare_base_model
+from tasks.training import load_causal_lm
 from tests.conftest import tiny_raw_config
 from tunegate.config import load_config, parse_config
 from tunegate.errors import ConfigError
@@ -99,12 +100,17 @@ def test_model_code_runs_only_when_the_config_turns_it_on(tiny_model, tmp_path, 
     (evil / "config.json").write_text(json.dumps(config))
 
     assert parse_config({}).model.trust_remote_code is False
-    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
-    model, _ = load_causal_lm(str(evil))  # the architecture transformers ships, not the model's code
-    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+    # The permission travels with the model's record, never through the environment.
+    monkeypatch.setenv("TUNEGATE_TRUST_REMOTE_CODE", "1")  # what older versions read
+    section = parse_config({"model": {"base_model": str(evil), "cache_dir": str(tmp_path / "cache")}}).model
+    base = prepare_base_model(section)
+    assert base.trust_remote_code is False
+    model, _ = load_causal_lm(base.path, trust_remote_code=base.trust_remote_code)
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()  # transformers' own class
 
-    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")  # what model.trust_remote_code: true sets
-    load_causal_lm(str(evil))
+    trusted = prepare_base_model(section.model_copy(update={"trust_remote_code": True}))
+    assert trusted.trust_remote_code is True and trusted.digest == base.digest
+    load_causal_lm(trusted.path, trust_remote_code=trusted.trust_remote_code)
     assert marker.read_text() == "ran"
 
 

@@ -169,8 +169,11 @@ def test_reward_hacking_guard_trips_only_when_reward_rises_as_quality_falls():
 def test_dpo_aligns_on_preference_pairs_without_a_reward_model(stage_inputs, tmp_path):
     cfg, base, dataset, _ = stage_inputs
     sft = _train(stage_inputs, tmp_path / "sft")
+    assert sft.trust_remote_code is base.trust_remote_code is False
     dpo_cfg = AlignSection.model_validate({**cfg.align.model_dump(), "method": "dpo", "beta": 0.1})
-    aligned = align_policy(dpo_cfg, dataset, sft, None, out_dir=tmp_path / "dpo", seed=1)
+    trusted = sft.model_copy(update={"trust_remote_code": True})  # as from model.trust_remote_code: true
+    aligned = align_policy(dpo_cfg, dataset, trusted, None, out_dir=tmp_path / "dpo", seed=1)
+    assert aligned.trust_remote_code is True  # a model trained from a trusted one inherits it
     assert aligned.steps == 2 and aligned.metrics["weights_delta"] > 0
     assert "reward_margin_last" in aligned.metrics and "guard.aligned.eval_loss" in aligned.metrics
     assert _changed(sft.path, aligned.path)

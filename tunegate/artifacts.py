@@ -48,11 +48,18 @@ class InstructionDataset(Artifact):
 
 class ModelArtifact(Artifact):
     path: str
-    role: Literal["base", "sft", "reward", "align"]
+    role: Literal["base", "sft", "reward", "align", "champion"]
     base_model: str = Field(description="Identity of the model this one started from.")
     digest: str
     metrics: dict[str, float] = Field(default_factory=dict)
     steps: int = 0
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Loading it may run code shipped with it (`model.trust_remote_code`); a model trained from "
+            "this one inherits it. Travels with the record to launched processes and pool workers."
+        ),
+    )
 
 
 class EvalReport(Artifact):
@@ -116,7 +123,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# Kept inside a prepared base model's directory by tasks/base_model.py: about the content, not of it.
+# Written into model directories by tunegate before 0.2 (now the digest lives in tunegate's cache): not
+# part of a model's content.
 DIGEST_FILE = ".tunegate-digest"
 
 
