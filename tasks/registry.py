@@ -14,23 +14,26 @@ model, registered or kept for audit, carries a generated model card (README.md i
 the registered version's description), and serves with `mlflow models serve`: a request is a user
 message, the chat template is applied, and the answer alone comes back.
 
-The lock is passed in (`lock`, a factory of context managers): the flow supplies a file lock beside
-a local store or a Prefect global concurrency limit for a remote tracking server
-(`flows/locks.py`), so two runs finishing together cannot both promote. Without one, only a local
-store's file lock is available here; orchestration stays out of this layer.
+The lock is passed in (`lock`, a factory of context managers; by default `promotion_lock(cfg)` from
+tasks/promotion_lock.py): a file lock beside a local store, a lease held in the tracking server for a
+remote one, so two runs finishing together cannot both promote even when nothing but the tracking
+server is shared between them. Under it the champion is read and moved; the compare and the set are
+one step because no other run can move an alias meanwhile, and a run whose lease lapsed (another may
+have taken the lock) does not move it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tasks.model_card import description, model_card
+from tasks.promotion_lock import Lease, Lock, LockHeld, promotion_lock
+from tasks.promotion_lock import local_promotion_lock as local_promotion_lock  # re-exported
+from tasks.promotion_lock import local_store as local_store  # re-exported
+from tasks.promotion_lock import store_setup_lock as store_setup_lock  # re-exported
 from tasks.training import is_adapter, trust_remote_code
 from tunegate.artifacts import BASE_REF, GateVerdict, ModelArtifact, Registration, base_of
 from tunegate.config import RegistrySection
@@ -100,18 +103,17 @@ def register_candidate(
     """Log the candidate, with its model card, in the active MLflow run; if its verdict passed,
     register and promote it.
 
-    Never raises for a lost race or a failed smoke test: the Registration says why it was not promoted.
+    Never raises for a lost race, a promotion lock held past its timeout or a failed smoke test: the
+    Registration says why it was not promoted.
 
     Raises:
         ConfigError: `registry.format: adapter` with a candidate that is not an adapter on full weights.
-        PromotionError: the adapter's base model directory is gone, or no promotion lock for a remote store.
+        PromotionError: the adapter's base model directory is gone.
     """
     import mlflow
 
-    # Both checks come before anything is written: nothing half-logged on a config mistake.
+    # The check comes before anything is written: nothing half-logged on a config mistake.
     base = adapter_base(candidate) if cfg.format == "adapter" else None
-    if verdict.passed:
-        lock = lock or local_promotion_lock(cfg)  # a remote store needs one from the flow
     stages, data = _lineage(cfg, candidate, tags)
     card = model_card(cfg, candidate, verdict, tags, adapter_base=base, stages=stages, data=data)
     info = _log_model(cfg, candidate, base, card)
@@ -123,38 +125,66 @@ def register_candidate(
             model_name=cfg.model_name,
             reason=f"gates failed: {failed}; the candidate is logged for audit ({info.model_uri}), not registered",
         )
-    client = _client(cfg)
-    with lock():
-        # A version stays `pending` until its promotion is decided: one whose registration was cut
-        # short (the tracking server gone, the process killed) is finished by the next run with the
-        # same candidate, never registered twice, and never left half-done for anyone to serve.
-        version = _pending_version(client, cfg, candidate.digest, tags.get("tunegate.parent_run_id"))
-        if version is None:
-            all_tags = {**tags, **_format_tags(cfg, base), REGISTRATION: PENDING}
-            version = str(mlflow.register_model(info.model_uri, cfg.model_name, tags=all_tags).version)
-        client.update_model_version(cfg.model_name, version, description=description(card))
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        problem = smoke_test(cfg, smoke_prompt)
-        if problem is not None:
-            client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
-            client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
-            reason = f"smoke test of models:/{cfg.model_name}@{CHALLENGER} failed: {problem}"
-            return _not_promoted(cfg, version, reason)
-        now = current_champion(cfg)
-        now_version = now.version if now else None
-        if now_version != expected_champion:
-            client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
-            client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
-            reason = (
-                f"champion moved from {expected_champion or 'none'} to {now_version} while this run was "
-                f"evaluating; version {version} is registered without the {cfg.alias!r} alias"
+    try:
+        with (lock or promotion_lock(cfg))() as lease:
+            return _register_and_promote(
+                cfg, info.model_uri, candidate, base, card, tags, smoke_prompt, expected_champion, lease
             )
-            return _not_promoted(cfg, version, reason)
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-        if now_version is not None:
-            client.set_registered_model_alias(cfg.model_name, PREVIOUS, now_version)
+    except LockHeld as exc:
+        reason = f"{exc}; the candidate is logged in its run ({info.model_uri}), not registered: run again"
+        log.warning(reason)
+        return Registration(promoted=False, model_name=cfg.model_name, reason=reason)
+
+
+def _register_and_promote(
+    cfg: RegistrySection,
+    model_uri: str,
+    candidate: ModelArtifact,
+    base: ModelArtifact | None,
+    card: str,
+    tags: dict[str, str],
+    smoke_prompt: list[dict] | None,
+    expected_champion: str | None,
+    lease: Lease | None,
+) -> Registration:
+    """The part under the promotion lock: register (or finish a pending version), smoke-test it as
+    `challenger`, and move the champion alias only if it still points at `expected_champion`."""
+    import mlflow
+
+    client = _client(cfg)
+    # A version stays `pending` until its promotion is decided: one whose registration was cut
+    # short (the tracking server gone, the process killed) is finished by the next run with the
+    # same candidate, never registered twice, and never left half-done for anyone to serve.
+    version = _pending_version(client, cfg, candidate.digest, tags.get("tunegate.parent_run_id"))
+    if version is None:
+        all_tags = {**tags, **_format_tags(cfg, base), REGISTRATION: PENDING}
+        version = str(mlflow.register_model(model_uri, cfg.model_name, tags=all_tags).version)
+    client.update_model_version(cfg.model_name, version, description=description(card))
+    client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+    problem = smoke_test(cfg, smoke_prompt)
+    now = current_champion(cfg) if problem is None else None
+    now_version = now.version if now else None
+    # Last, right before the move: a lease that lapsed means another run may hold the lock now.
+    lost = lease.lost() if lease is not None and problem is None else None
+    reason = None
+    if problem is not None:
+        reason = f"smoke test of models:/{cfg.model_name}@{CHALLENGER} failed: {problem}"
+    elif now_version != expected_champion:
+        reason = (
+            f"champion moved from {expected_champion or 'none'} to {now_version} while this run was "
+            f"evaluating; version {version} is registered without the {cfg.alias!r} alias"
+        )
+    elif lost is not None:
+        reason = f"{lost}; version {version} is registered without the {cfg.alias!r} alias: run again"
+    if reason is not None:
         client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
         client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
+        return _not_promoted(cfg, version, reason)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    if now_version is not None:
+        client.set_registered_model_alias(cfg.model_name, PREVIOUS, now_version)
+    client.delete_registered_model_alias(cfg.model_name, CHALLENGER)
+    client.set_model_version_tag(cfg.model_name, version, REGISTRATION, COMPLETE)
     log.info("registered %s version %s as %s", cfg.model_name, version, cfg.alias)
     return Registration(
         promoted=True,
@@ -314,11 +344,11 @@ def rollback(cfg: RegistrySection, lock: Lock | None = None) -> Registration:
     """Point the champion alias back at `previous`; the demoted version becomes `previous`.
 
     Raises:
-        PromotionError: there is no `previous` version to go back to.
+        PromotionError: there is no `previous` version to go back to; LockHeld (a PromotionError):
+            another run held the promotion lock for the whole timeout.
     """
-    lock = lock or local_promotion_lock(cfg)
     client = _client(cfg)
-    with lock():
+    with (lock or promotion_lock(cfg))():
         try:
             back = str(client.get_model_version_by_alias(cfg.model_name, PREVIOUS).version)
         except Exception as exc:  # noqa: BLE001 - MLflow raises its generic error for a missing alias
@@ -336,54 +366,6 @@ def rollback(cfg: RegistrySection, lock: Lock | None = None) -> Registration:
         aliases=[cfg.alias],
         reason=f"rolled back from version {now.version if now else 'none'}",
     )
-
-
-Lock = Callable[[], contextlib.AbstractContextManager]
-
-
-def local_promotion_lock(cfg: RegistrySection, timeout_s: float = 600) -> Lock:
-    """A file lock for alias moves on one registered model in a local store, across processes.
-
-    Raises:
-        PromotionError: the store is remote; its lock must come from the orchestrator.
-    """
-    local = local_store(cfg)
-    if local is None:
-        raise PromotionError(
-            f"{cfg.tracking_uri} is a remote store: promotion needs a cross-process lock from the flow "
-            "(flows/locks.py), not a local file lock"
-        )
-    return lambda: _file_lock(local, f"{cfg.model_name}.promote", timeout_s)
-
-
-@contextlib.contextmanager
-def store_setup_lock(cfg: RegistrySection, timeout_s: float = 300) -> Iterator[None]:
-    """Serialise the first use of a local store: MLflow creates and migrates a new sqlite database on
-    first contact, and two processes doing that at once fail."""
-    local = local_store(cfg)
-    if local is None:
-        yield
-        return
-    with _file_lock(local, "setup", timeout_s):
-        yield
-
-
-def local_store(cfg: RegistrySection) -> Path | None:
-    parsed = urlparse(cfg.tracking_uri)
-    if parsed.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy's form)
-        return Path(cfg.tracking_uri.removeprefix("sqlite:///"))
-    if parsed.scheme in ("file", ""):
-        return Path(parsed.path if parsed.scheme else cfg.tracking_uri)
-    return None
-
-
-@contextlib.contextmanager
-def _file_lock(store: Path, purpose: str, timeout_s: float) -> Iterator[None]:
-    from filelock import FileLock
-
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store.parent / f".{store.name}.{purpose}.lock"), timeout=timeout_s):
-        yield
 
 
 def _not_promoted(cfg: RegistrySection, version: str, reason: str) -> Registration:

@@ -231,6 +231,27 @@ def test_failing_candidate_is_logged_for_audit_with_a_failed_card(registry, cand
     assert "## Gate verdict: FAIL" in card and "mlflow models serve" not in card
 
 
+def test_a_promotion_lock_held_past_its_timeout_ends_not_promoted_and_says_so(registry, tiny_model):
+    from tasks.promotion_lock import promotion_lock
+
+    candidate = ModelArtifact(path=str(tiny_model), role="align", base_model=str(tiny_model), digest="c")
+    with promotion_lock(registry)():  # another run, promoting
+        with mlflow.start_run():
+            registration = register_candidate(
+                registry,
+                candidate,
+                _verdict(True),
+                expected_champion=None,
+                tags=TAGS,
+                smoke_prompt=PROMPT,
+                lock=promotion_lock(registry, timeout_s=0.5),
+            )
+    assert not registration.promoted and registration.version is None
+    assert f"another process held the promotion lock of {NAME}" in registration.reason
+    assert "whole 0.5 s timeout" in registration.reason and "not registered: run again" in registration.reason
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
 def test_a_long_card_is_cut_to_fit_the_version_description(stage_inputs):
     verdict = _verdict(True)
     long = verdict.model_copy(update={"markdown": verdict.markdown + "\n| x | 1 | pass |" * 600})
