@@ -3,7 +3,9 @@
 With `gpus > 1` the parent writes the stage's arguments (pydantic sections and artifact records) as
 JSON, starts `accelerate launch --num_processes N [--config_file F] -m tasks.launch SPEC RESULT`, and
 reads back the `ModelArtifact` the main process wrote. An error in the workers comes back as the same
-error type with its message. The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`).
+error type with its message. The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`). The parent
+claims the stage's checkpoint directory for all the ranks (`claim_checkpoint_dir`) and passes the one it
+got in the spec; the ranks claim nothing.
 
     python -m tasks.launch SPEC.json RESULT.json     # what each launched process runs
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.training import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir
 from tunegate import errors
 from tunegate.artifacts import InstructionDataset, ModelArtifact
 from tunegate.config import AlignSection, RewardSection, SftSection
@@ -76,12 +79,34 @@ def launch_command(gpus: int, accelerate_config: str | None, spec: Path, result:
 def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accelerate_config: str | None):
     """Run `stage` in `gpus` accelerate processes; return the main process's result.
 
+    The checkpoint directory (`kwargs["checkpoint_dir"]`, else the stages' default `out_dir/trainer`)
+    is claimed here, once for every rank, for as long as they run: the ranks train in the directory
+    this process got (the shared one, or a private one when another run holds it) and claim nothing.
+
     Raises:
         the stage's own error type (ConfigError, TrainingError, StageGateFailed) when a worker fails;
         TrainingError when the launcher dies without a result.
     """
     out_dir = Path(kwargs["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    with claim_checkpoint_dir(Path(kwargs.get("checkpoint_dir") or out_dir / "trainer")) as checkpoint_dir:
+        kwargs = {**kwargs, "checkpoint_dir": checkpoint_dir}
+        code, outcome, logfile = _run_ranks(stage, args, kwargs, gpus, accelerate_config)
+    if outcome and "error" in outcome:
+        raise errors.from_outcome(outcome)
+    if code != 0 or outcome is None:
+        tail = "".join(logfile.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-20:])
+        raise errors.TrainingError(
+            f"{stage}: accelerate launch exited {code} without a result; log {logfile}:\n{tail}"
+        )
+    return ModelArtifact.model_validate(outcome["artifact"])
+
+
+def _run_ranks(
+    stage: str, args: tuple, kwargs: dict[str, Any], gpus: int, accelerate_config: str | None
+) -> tuple[int, dict | None, Path]:
+    """Write the spec, start the ranks and wait for them; their exit code, outcome and log."""
+    out_dir = Path(kwargs["out_dir"])
     spec, result, logfile = out_dir / "launch.json", out_dir / "launch.result.json", out_dir / "launch.log"
     for stale in (result, *_rank_errors(result)):
         stale.unlink(missing_ok=True)
@@ -96,7 +121,7 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
         ),
         encoding="utf-8",
     )
-    env = dict(os.environ)
+    env = {**os.environ, CLAIMED_CHECKPOINT_DIR: str(kwargs["checkpoint_dir"])}
     import mlflow
 
     if (active := mlflow.active_run()) is not None:  # the workers' trainers log to this stage's run
@@ -108,14 +133,7 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     outcome = json.loads(result.read_text()) if result.exists() else None
     if outcome is None and (failed := _rank_errors(result)):  # a worker failed before the main process wrote
         outcome = json.loads(failed[0].read_text())
-    if outcome and "error" in outcome:
-        raise errors.from_outcome(outcome)
-    if code != 0 or outcome is None:
-        tail = "".join(logfile.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-20:])
-        raise errors.TrainingError(
-            f"{stage}: accelerate launch exited {code} without a result; log {logfile}:\n{tail}"
-        )
-    return ModelArtifact.model_validate(outcome["artifact"])
+    return code, outcome, logfile
 
 
 def _rank_errors(result: Path) -> list[Path]:

@@ -3,12 +3,14 @@ full, partial), checkpoints and resumption, guards, and atomic saving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,18 +283,47 @@ def checkpoint_checksums():
 def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
     """Train, resuming from the last good checkpoint in `checkpoint_dir` when there is one.
 
-    The directory is claimed with a lock for the duration: a second run with the same inputs at the
-    same time trains in a private directory instead of writing into (or deleting) this run's
-    checkpoints. Returns the train output, the step resumed from (0: fresh) and the directory used.
+    The directory is claimed for the duration (`claim_checkpoint_dir`): a second run with the same
+    inputs at the same time trains in a private directory instead of writing into (or deleting) this
+    run's checkpoints. Under `accelerate launch` the launching process holds the claim for all ranks
+    (tasks/launch.py) and passes the directory it got. Returns the train output, the step resumed
+    from (0: fresh) and the directory used.
 
     Raises:
-        TrainingError: the disk filled up while writing a checkpoint (the last complete one is kept).
+        TrainingError: the disk filled up while writing a checkpoint (the last complete one is kept);
+            or this is one of several launched processes and no launcher claimed `checkpoint_dir`.
+    """
+    trainer.add_callback(checkpoint_checksums())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Ranks must not claim one by one: each would get a different directory to resume from.
+        claimed = os.environ.get(CLAIMED_CHECKPOINT_DIR)
+        if claimed is None or Path(claimed) != checkpoint_dir:
+            raise TrainingError(
+                f"this process is one of {os.environ['WORLD_SIZE']} launched ranks, but no launcher claimed "
+                f"the checkpoint directory {checkpoint_dir} for them ({CLAIMED_CHECKPOINT_DIR}="
+                f"{claimed or 'unset'}); start multi-process stages with run.gpus, which launches them "
+                "through tasks.launch"
+            )
+        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
+    with claim_checkpoint_dir(checkpoint_dir) as directory:
+        trainer.args.output_dir = str(directory)
+        return (*_train_from(trainer, directory), directory)
+
+
+# Set by tasks.launch for the processes it starts: the directory it claimed for them.
+CLAIMED_CHECKPOINT_DIR = "TUNEGATE_CLAIMED_CHECKPOINT_DIR"
+
+
+@contextlib.contextmanager
+def claim_checkpoint_dir(checkpoint_dir: Path) -> Iterator[Path]:
+    """Claim `checkpoint_dir` for this process while inside; yields the directory to train in.
+
+    That is `checkpoint_dir` itself, or, when another live process holds the claim (a run with the
+    same inputs), a private `<name>-pid<N>` beside it. The claim is a kernel file lock beside the
+    directory, so a killed holder's claim ends with it.
     """
     from filelock import FileLock, Timeout
 
-    trainer.add_callback(checkpoint_checksums())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched processes share the parent's claim
-        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(checkpoint_dir.parent / f".{checkpoint_dir.name}.lock"))
     try:
@@ -302,10 +333,10 @@ def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
         log.warning(
             "%s is in use by another run with the same inputs; checkpointing to %s", checkpoint_dir, private
         )
-        trainer.args.output_dir = str(private)
-        return (*_train_from(trainer, private), private)
+        yield private
+        return
     try:
-        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
+        yield checkpoint_dir
     finally:
         lock.release()
 
