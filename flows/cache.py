@@ -1,104 +1,54 @@
-"""Stage results cached by content, persisted as small JSON records.
+"""Stage results cached by content, persisted as small JSON records, verified when reused.
 
-A stage's key is a digest of everything that decides its result: the stage, the code version
-(`tunegate.provenance.code_version`), its config section, the seed, and the content digests of its
-inputs (raw files, built splits, models), never their paths, which change from run to run. A hit
-returns the stored artifact record only if every file or directory it names still exists; the stage
-then does no work. A run that failed at stage k, started again, finds stages 1..k-1 here and starts
-at stage k.
+A stage's key comes from its declaration (`flows/stages.py`): the values it is called with, by
+content, plus the code version and, for training, where it runs. The record stored under that key
+holds the stage's artifact record and a manifest of every file it names (size and sha256 of each
+file, every file of a directory). A hit is reused only if every file still matches its manifest: a
+file changed, truncated, appended to or removed since is named in the log and the stage runs again
+(its new output replaces the record). A run that failed at stage k, started again, finds stages
+1..k-1 here and starts at stage k.
 
-    runs/cache/<stage>/<key>.json   {"type": "ModelArtifact", "record": {...}, "mlflow_run_id": "..."}
+    runs/cache/<stage>/<key>.json   {"type": "ModelArtifact", "record": {...}, "files": {...},
+                                     "mlflow_run_id": "..."}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
+from flows.stages import LOCATION_FIELDS
 from tunegate import artifacts
-from tunegate.artifacts import Artifact
+from tunegate.artifacts import Artifact, sha256_file
 
-# Fields that name where a record's files are, not what they hold: left out of keys, checked on hits.
-LOCATION_FIELDS = {
-    "path",
-    "root",
-    "manifest",
-    "report_json",
-    "report_markdown",
-    "samples_path",
-    "per_row_path",
-}
-
-
-def content(value: Any) -> Any:
-    """`value` as JSON-able data without locations: records keep their digests, counts and metrics."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json", by_alias=True)
-    if isinstance(value, dict):
-        return {
-            k: content(v)
-            for k, v in value.items()
-            if k not in LOCATION_FIELDS and not (k == "dropped" and _all_strings(v))
-        }
-    if isinstance(value, list | tuple):
-        return [content(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _all_strings(v: Any) -> bool:
-    return isinstance(v, dict) and bool(v) and all(isinstance(x, str) for x in v.values())
-
-
-def locations(record: Artifact) -> list[str]:
-    found: list[str] = []
-
-    def walk(v: Any, key: str | None = None) -> None:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if k == "dropped" and _all_strings(x):
-                    found.extend(x.values())
-                else:
-                    walk(x, k)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x, key)
-        elif isinstance(v, str) and key in LOCATION_FIELDS and v != "-":
-            found.append(v)
-
-    walk(record.model_dump(mode="json"))
-    return found
+log = logging.getLogger(__name__)
 
 
 class StageCache:
-    def __init__(self, root: Path, code: str, enabled: bool = True):
-        self.root, self.code, self.enabled = Path(root), code, enabled
+    def __init__(self, root: Path, enabled: bool = True):
+        self.root, self.enabled = Path(root), enabled
 
-    def key(self, stage: str, *parts: Any) -> str:
-        payload = json.dumps([stage, self.code, *(content(p) for p in parts)], sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-    def entry(self, stage: str, *parts: Any) -> str | None:
-        """Where this stage's result for these inputs is (or will be) stored; None when caching is off."""
-        return str(self.root / stage / f"{self.key(stage, *parts)}.json") if self.enabled else None
+    def entry(self, stage: str, key: str) -> str | None:
+        """Where this stage's result for this key is (or will be) stored; None when caching is off."""
+        return str(self.root / stage / f"{key}.json") if self.enabled else None
 
 
 def load(entry: str | None) -> tuple[Artifact, str | None] | None:
-    """The stored record and the MLflow run that made it, if it is there and its files still exist."""
+    """The stored record and the MLflow run that made it, if it is there and every file it names
+    still matches its manifest; None otherwise (the stage then runs again)."""
     if entry is None or not Path(entry).exists():
         return None
     try:
         stored = json.loads(Path(entry).read_text(encoding="utf-8"))
         record = getattr(artifacts, stored["type"]).model_validate(stored["record"])
-    except (OSError, ValueError, KeyError, AttributeError):
+        manifest: dict[str, list] = stored["files"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None  # unreadable or from an older record schema: recompute
-    if not all(Path(p).exists() for p in locations(record)):
+    if (problem := manifest_problem(record, manifest)) is not None:
+        log.warning("not reusing the cached result %s: %s; running the stage again", entry, problem)
         return None
     return record, stored.get("mlflow_run_id")
 
@@ -112,14 +62,61 @@ def store(entry: str | None, record: Any, mlflow_run_id: str | None) -> None:
     payload = {
         "type": type(record).__name__,
         "record": record.model_dump(mode="json"),
+        "files": manifest(record),
         "mlflow_run_id": mlflow_run_id,
     }
     tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def file_digests(paths: list[Path]) -> dict[str, str]:
-    """sha256 of each file (a directory: of every file under it), by path."""
-    from tunegate.artifacts import sha256_dir, sha256_file
+def manifest(record: Artifact) -> dict[str, list]:
+    """Every file the record names (a directory: each file under it): path -> [size, sha256]."""
+    return {str(f): [f.stat().st_size, sha256_file(f)] for f in _files(record)}
 
-    return {str(p): sha256_dir(p) if p.is_dir() else sha256_file(p) for p in paths}
+
+def manifest_problem(record: Artifact, recorded: dict[str, list]) -> str | None:
+    """Why the record's files no longer match `recorded`, or None. Sizes first (cheap), then digests."""
+    current = {str(f) for f in _files(record)}
+    if missing := sorted(set(recorded) - current):
+        return f"{missing[0]} is missing"
+    if added := sorted(current - set(recorded)):
+        return f"{added[0]} was added since the result was stored"
+    for name, (size, _) in recorded.items():
+        if (now := Path(name).stat().st_size) != size:
+            return f"{name} changed size ({size} -> {now} bytes)"
+    for name, (_, digest) in recorded.items():
+        if sha256_file(name) != digest:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
+def _files(record: Artifact) -> list[Path]:
+    out: set[Path] = set()
+    for loc in locations(record):
+        p = Path(loc)
+        if p.is_dir():
+            out.update(f for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            out.add(p)
+    return sorted(out)
+
+
+def locations(record: Artifact) -> list[str]:
+    """The files and directories a record names."""
+    found: list[str] = []
+
+    def walk(v: Any, key: str | None = None) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "dropped" and isinstance(x, dict) and all(isinstance(s, str) for s in x.values()):
+                    found.extend(x.values())
+                else:
+                    walk(x, k)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, key)
+        elif isinstance(v, str) and key in LOCATION_FIELDS and v != "-":
+            found.append(v)
+
+    walk(record.model_dump(mode="json"))
+    return found

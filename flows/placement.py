@@ -29,6 +29,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.progress import forward_stage_logs
 from tasks.launch import STAGES, launched
 from tunegate import errors
 from tunegate.artifact_store import ArtifactStore
@@ -128,6 +129,7 @@ def train_stage(
     The work directory is `$TUNEGATE_SCRATCH` (default `runs/worker`); put it on a persistent volume
     and a stage started again after a lost worker resumes from its last checkpoint.
     """
+    forward_stage_logs()  # the trainers' own lines show in this flow run's logs
     logger = get_run_logger()
     store = ArtifactStore(artifact_root)
     scratch = Path(os.environ.get("TUNEGATE_SCRATCH") or "runs/worker")

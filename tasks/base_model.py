@@ -34,13 +34,56 @@ def prepare_base_model(cfg: ModelSection) -> ModelArtifact:
         path = Path(ref)
     else:
         path = _download(ref, cfg)
-    digest_file = path / DIGEST_FILE
-    if digest_file.exists() and digest_file.stat().st_mtime >= _newest_mtime(path):
-        digest = digest_file.read_text().strip()
-    else:
-        digest = sha256_dir(path)
-        digest_file.write_text(digest)
-    return ModelArtifact(path=str(path.resolve()), role="base", base_model=ref, digest=digest)
+    digest = model_digest(path, Path(cfg.cache_dir) / "digests")
+    return ModelArtifact(
+        path=str(path.resolve()),
+        role="base",
+        base_model=ref,
+        digest=digest,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def reward_backbone(model: ModelSection, backbone: str | None, sft: ModelArtifact) -> ModelArtifact:
+    """The model the reward model starts from: the SFT model, or `reward.backbone` prepared like a
+    base model (a Hugging Face id, a local directory or `package:NAME`)."""
+    if backbone is None:
+        return sft
+    return prepare_base_model(model.model_copy(update={"base_model": backbone}))
+
+
+def model_digest(path: Path, cache_dir: Path) -> str:
+    """sha256 of a model directory, remembered in tunegate's own cache (never in the user's directory).
+
+    The remembered digest is reused only while every file keeps its size, modification and change
+    times and inode (the change time cannot be set back by a program, unlike the modification time);
+    any file added, removed or touched means the directory is hashed again."""
+    import hashlib
+    import json
+
+    path = path.resolve()
+    stats = _file_stats(path)
+    record = cache_dir / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved["path"] == str(path) and saved["files"] == stats:
+            return saved["digest"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = sha256_dir(path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"path": str(path), "files": stats, "digest": digest}), encoding="utf-8")
+    os.replace(tmp, record)
+    return digest
+
+
+def _file_stats(root: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != DIGEST_FILE):
+        st = f.stat()
+        out[f.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
 
 
 def _convert_packaged_gguf(package: str, cache_dir: Path) -> Path:
@@ -95,7 +138,3 @@ def _download(ref: str, cfg: ModelSection) -> Path:
                 "HF_HUB_OFFLINE=0 with network access to the hub."
             ]
         ) from exc
-
-
-def _newest_mtime(path: Path) -> float:
-    return max((p.stat().st_mtime for p in path.rglob("*") if p.name != DIGEST_FILE), default=0)

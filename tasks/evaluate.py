@@ -46,14 +46,14 @@ SETS = ("task", "canary", "safety")
 def evaluate_models(
     cfg: EvaluateSection,
     data: InstructionDataset,
-    models: dict[str, str],
+    models: dict[str, ModelArtifact],
     reward: ModelArtifact | None,
     *,
     out_dir: Path,
     seed: int,
     champion_version: str | None = None,
 ) -> EvalReport:
-    """Score each model (label -> model directory) on the eval rows and the SFT eval split.
+    """Score each model (label -> model) on the eval rows and the SFT eval split.
 
     Raises:
         StageGateFailed: fewer task rows than `cfg.min_eval_rows`, or a canary or safety set smaller than
@@ -74,8 +74,9 @@ def evaluate_models(
     scalars: dict[str, dict[str, float]] = {}
     answers: dict[str, list[str]] = {}
     checks: dict[str, list[dict[str, bool]]] = {}
-    for label, path in models.items():
-        model, tokenizer = _load(path)
+    for label, artifact in models.items():
+        path = artifact.path
+        model, tokenizer = _load(path, artifact.trust_remote_code)
         start = time.perf_counter()
         texts, n_tokens = generate_answers(model, tokenizer, [r["prompt"] for r in rows], cfg)
         elapsed = time.perf_counter() - start
@@ -94,7 +95,9 @@ def evaluate_models(
         del model
     if reward is not None:
         task = [i for i, r in enumerate(rows) if r["set"] == "task"]
-        reward_model, reward_tokenizer = load_reward_model(reward.path)
+        reward_model, reward_tokenizer = load_reward_model(
+            reward.path, trust_remote_code=reward.trust_remote_code
+        )
         for label, texts in answers.items():
             convs = [rows[i]["prompt"] + [{"role": "assistant", "content": texts[i]}] for i in task]
             per_row[label]["reward_score"] = score_conversations(reward_model, reward_tokenizer, convs)
@@ -300,8 +303,8 @@ def _ids(enc) -> list[int]:
     return list(enc["input_ids"]) if hasattr(enc, "keys") else list(enc)
 
 
-def _load(path: str):
-    model, tokenizer = load_causal_lm(path)
+def _load(path: str, trust_remote_code: bool):
+    model, tokenizer = load_causal_lm(path, trust_remote_code=trust_remote_code)
     if on_cuda():
         model = model.to("cuda")
     model.eval()

@@ -34,7 +34,7 @@ from tasks.promotion_lock import Lease, Lock, LockHeld, promotion_lock
 from tasks.promotion_lock import local_promotion_lock as local_promotion_lock  # re-exported
 from tasks.promotion_lock import local_store as local_store  # re-exported
 from tasks.promotion_lock import store_setup_lock as store_setup_lock  # re-exported
-from tasks.training import is_adapter, trust_remote_code
+from tasks.training import is_adapter
 from tunegate.artifacts import BASE_REF, GateVerdict, ModelArtifact, Registration, base_of
 from tunegate.config import RegistrySection
 from tunegate.errors import ConfigError, PromotionError
@@ -387,7 +387,7 @@ def _log_model(cfg: RegistrySection, candidate: ModelArtifact, base: ModelArtifa
 
     # Components, not the checkpoint path: MLflow's local-checkpoint path breaks on transformers 5's
     # lazily named pipeline classes (flavor_config reads `impl.__name__` from a string).
-    tokenizer = AutoTokenizer.from_pretrained(candidate.path, trust_remote_code=trust_remote_code())
+    tokenizer = AutoTokenizer.from_pretrained(candidate.path, trust_remote_code=candidate.trust_remote_code)
     info = mlflow.transformers.log_model(
         transformers_model={"model": _load_for_logging(candidate, base), "tokenizer": tokenizer},
         task="text-generation",
@@ -412,14 +412,14 @@ def _load_for_logging(candidate: ModelArtifact, base: ModelArtifact | None):
     from tasks.training import load_causal_lm, on_cuda
 
     if base is None:
-        return load_causal_lm(candidate.path)[0]
+        return load_causal_lm(candidate.path, trust_remote_code=candidate.trust_remote_code)[0]
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if on_cuda() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        base.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code()
+        base.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=candidate.trust_remote_code
     )
     return PeftModel.from_pretrained(model, candidate.path)
 

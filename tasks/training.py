@@ -1,4 +1,4 @@
-"""Helpers the training stages share: TRL arguments, device choice, what trains (LoRA, DoRA, QLoRA,
+"""Helpers the training stages share: device choice, what trains (LoRA, DoRA, QLoRA,
 full, partial), checkpoints and resumption, guards, and atomic saving."""
 
 from __future__ import annotations
@@ -25,40 +25,6 @@ def on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def trl_kwargs(cfg: TrainSection, checkpoint_dir: Path, seed: int) -> dict[str, Any]:
-    """Arguments common to every TRL config class, then the section's pass-through `trl_args`."""
-    import mlflow
-
-    cuda = on_cuda()
-    kwargs: dict[str, Any] = {
-        "output_dir": str(checkpoint_dir),
-        "max_steps": cfg.max_steps,
-        "learning_rate": cfg.learning_rate,
-        "per_device_train_batch_size": cfg.per_device_train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "warmup_steps": cfg.warmup_steps,
-        "lr_scheduler_type": cfg.lr_scheduler_type,
-        "logging_steps": cfg.logging_steps,
-        "seed": seed,
-        "data_seed": seed,
-        "bf16": cuda,
-        "use_cpu": not cuda,
-        # Recomputing activations saves memory a 135M model on CPU does not need, at ~25% more time.
-        "gradient_checkpointing": False,
-        "save_strategy": "steps" if cfg.checkpoint_steps else "no",
-        "save_steps": cfg.checkpoint_steps or 500,
-        "save_total_limit": 2,
-        # The default filter hides NaN/inf losses from the logs; the guard below must see them.
-        "logging_nan_inf_filter": False,
-        # Under `accelerate launch` the stage's run comes from MLFLOW_RUN_ID (see tasks/launch.py).
-        "report_to": ["mlflow"] if mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID") else [],
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-    }
-    kwargs.update(cfg.trl_args)
-    return kwargs
 
 
 def require_mode_supported(cfg: TrainSection, stage: str) -> None:
@@ -396,7 +362,7 @@ def save_policy(trainer, tokenizer, path: Path, save: str, base: ModelArtifact) 
         return
     if save == "merged" and is_adapter(tmp):
         (tmp / BASE_REF).write_text(json.dumps(base.model_dump(mode="json")), encoding="utf-8")
-        merged, _ = load_causal_lm(str(tmp))
+        merged, _ = load_causal_lm(str(tmp), trust_remote_code=base.trust_remote_code)
         save_model_atomic(merged, tokenizer, path)
     else:
         save_model_atomic(_Saved(tmp), tokenizer, path, extra)
@@ -433,20 +399,23 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_causal_lm(path: str, quantization=None):
+def load_causal_lm(path: str, quantization=None, *, trust_remote_code: bool = False):
     """A causal LM and its tokenizer (pad token set): bf16 and SDPA attention on CUDA, fp32 on CPU.
-    An adapter directory is loaded onto its base model and merged, so callers see one plain model."""
+    An adapter directory is loaded onto its base model and merged, so callers see one plain model.
+
+    Code shipped with the model runs only with `trust_remote_code` (the record's, which comes from
+    `model.trust_remote_code`); otherwise transformers' own architecture is used, or loading fails."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if on_cuda() else torch.float32
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": "sdpa",
-        "trust_remote_code": trust_remote_code(),
+        "trust_remote_code": trust_remote_code,
     }
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -455,22 +424,12 @@ def load_causal_lm(path: str, quantization=None):
 
         # The model the adapter was trained on: our reference (itself possibly an adapter), else PEFT's.
         if (ref := base_of(path)) is not None:
-            base, _ = load_causal_lm(ref.path, quantization)
+            base, _ = load_causal_lm(ref.path, quantization, trust_remote_code=trust_remote_code)
         else:
             config = json.loads((Path(path) / "adapter_config.json").read_text())
             base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], **kwargs)
         return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
     return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
-
-
-TRUST_REMOTE_CODE_ENV = "TUNEGATE_TRUST_REMOTE_CODE"
-
-
-def trust_remote_code() -> bool:
-    """Whether loading a model may run code shipped with it: only with `model.trust_remote_code: true`,
-    which the pipeline passes on as TUNEGATE_TRUST_REMOTE_CODE=1 (launched processes and training
-    workers inherit it). Off otherwise, whatever the model's files ask for."""
-    return os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
 
 
 def seed_everything(seed: int) -> None:

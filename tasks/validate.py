@@ -30,9 +30,13 @@ def validate_data(
             is written to `out_dir/validation.md` first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(base.path) if base is not None else None
+    tokenizer = (
+        load_tokenizer(base.path, trust_remote_code=base.trust_remote_code) if base is not None else None
+    )
     checked: dict[str, CheckedData] = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
+        if getattr(data, kind) is None:  # a kind this run's stages do not read (see align.method)
+            continue
         checked[kind] = check_kind(
             cfg,
             kind,
@@ -112,9 +116,7 @@ def _digest(path: str | Path) -> str:
     return sha256_dir(path) if Path(path).is_dir() else sha256_file(path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from tasks.training import trust_remote_code
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

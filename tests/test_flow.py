@@ -54,6 +54,7 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
         "validate",
         "build",
         "sft",
+        "reward-backbone",
         "reward-model",
         "align",
         "evaluate",
@@ -113,7 +114,8 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     stage_runs = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rejected['mlflow_run_id']}'"
     )
-    assert sum(r.data.tags["tunegate.stage"] == "base-model" for r in stage_runs) == 2  # base + backbone
+    stage_names = [r.data.tags["tunegate.stage"] for r in stage_runs]
+    assert stage_names.count("base-model") == 1 and stage_names.count("reward-backbone") == 1
     assert not rejected["verdict"]["passed"]
     assert not rejected["registration"]["promoted"] and rejected["registration"]["version"] is None
     assert "fact_accuracy >= 0.99" in rejected["registration"]["reason"]
@@ -241,6 +243,22 @@ def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
     assert len(client.search_model_versions("name='tiny-assistant'")) == 1
     print(f"cached rerun: {seconds:.1f} s")
 
+    # A cached output altered since it was written is never used: the stage that made it runs again.
+    dataset = json.loads(next((tmp_path / "runs" / "cache" / "build").glob("*.json")).read_text())
+    train_file = dataset["record"]["splits"]["sft_train"]["path"]
+    with open(train_file, "ab") as f:
+        f.write(b"\0")
+    tampered = pipeline(cfg)
+    stages = _stage_runs(client, tampered["mlflow_run_id"])
+    assert stages["build"].get("tunegate.cached") != "true"  # rebuilt into this run's directory
+    assert {n for n, t in stages.items() if t.get("tunegate.cached") == "true"} == {
+        "validate",
+        "sft",
+        "reward-model",
+        "align",
+    }  # the rebuilt splits hold what the altered copy held before: training is reused
+    assert tampered["outcome"] == "already-champion"
+
     # A scheduled retrain on the data the champion was trained on ends at once.
     nightly = parse_config({**raw, "run": {**raw["run"], "skip_unchanged_data": True}})
     third = pipeline(nightly)
@@ -287,6 +305,22 @@ def test_dpo_pipeline_has_no_reward_model_stage(prefect_api, tiny_model, data_di
     )
     stages = {r.data.tags["tunegate.stage"] for r in children}
     assert "reward-model" not in stages and {"sft", "align", "evaluate"} <= stages
+
+
+def test_sft_only_pipeline_needs_only_conversations_and_an_eval_set(prefect_api, tiny_model, data_dir, tmp_path):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["align"] = {**raw["align"], "method": "none"}
+    raw["data"] = {**raw["data"], "preferences": None, "prompts": None}
+    cfg = parse_config(raw)
+    result = pipeline(cfg)
+    assert result["registration"]["promoted"]
+    client = _client(cfg)
+    stages = _stage_runs(client, result["mlflow_run_id"])
+    assert set(stages) == {"base-model", "validate", "build", "sft", "evaluate", "gates", "register"}
+    version = client.get_model_version("tiny-assistant", result["registration"]["version"])
+    sft_record = json.loads(next((tmp_path / "runs" / "cache" / "sft").glob("*.json")).read_text())
+    assert version.tags["tunegate.candidate_digest"] == sft_record["record"]["digest"]  # the SFT model ships
+    assert set(result["report"]["sets"]) and "reward_score" not in result["report"]["scores"]["candidate"]
 
 
 def test_dpo_with_a_reward_gate_is_a_config_error(tiny_model, data_dir, tmp_path):

@@ -95,7 +95,7 @@ def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model
     report = evaluate_models(
         cfg.evaluate,
         dataset,
-        {"base": base.path, "candidate": sft_model.path},
+        {"base": base, "candidate": sft_model},
         None,
         out_dir=work / "eval",
         seed=1,
@@ -125,7 +125,7 @@ def test_evaluate_refuses_too_few_prompts(stage_inputs, sft_model):
     cfg, base, dataset, work = stage_inputs
     strict = cfg.evaluate.model_copy(update={"min_eval_rows": 10_000})
     with pytest.raises(StageGateFailed, match="min_eval_rows=10000"):
-        evaluate_models(strict, dataset, {"base": base.path}, None, out_dir=work / "e2", seed=1)
+        evaluate_models(strict, dataset, {"base": base}, None, out_dir=work / "e2", seed=1)
 
 
 def test_fact_and_brand_checks():

@@ -7,7 +7,6 @@ command-line overrides (`sft.max_steps=20`). Unknown keys are errors, reported a
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -125,14 +124,26 @@ class ModelSection(Section):
     )
 
 
+# The row shapes the readers detect, per data kind (data_checks/formats.py maps each to TRL's format).
+SHAPES: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
+    "preferences": ("preference_explicit", "preference_implicit"),
+    "prompts": ("prompt_only", "messages"),
+    "eval": ("eval_prompt",),
+}
+
+
 class DataSection(Section):
     # Each kind: a file, a directory, a glob, or a list of those (JSONL, JSON, Parquet, CSV, or a
-    # `save_to_disk` dataset directory).
+    # `save_to_disk` dataset directory). A run reads only the kinds its stages need (see align.method).
     sft: str | list[str] = Field("data/generated/sft.jsonl", description="SFT conversations.")
-    preferences: str | list[str] = Field(
-        "data/generated/preferences.jsonl", description="Preference pairs (prompt, chosen, rejected)."
+    preferences: str | list[str] | None = Field(
+        "data/generated/preferences.jsonl",
+        description="Preference pairs (prompt, chosen, rejected): the reward model (grpo, rloo) and dpo.",
     )
-    prompts: str | list[str] = Field("data/generated/prompts.jsonl", description="Prompts for online RL.")
+    prompts: str | list[str] | None = Field(
+        "data/generated/prompts.jsonl", description="Prompts for online RL (grpo, rloo)."
+    )
     eval: str | list[str] = Field(
         "data/generated/eval.jsonl", description="Held-out eval prompts with checkable answers."
     )
@@ -147,8 +158,6 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _known_shapes(self) -> DataSection:
-        from data_checks.formats import SHAPES
-
         bad = [
             f"{k}: {v!r} (use one of {', '.join(SHAPES[k])})"
             for k, v in self.shapes.items()
@@ -315,11 +324,13 @@ class GuardSection(Section):
 
 
 class AlignSection(PolicyTrainSection):
-    method: Literal["grpo", "rloo", "dpo"] = Field(
+    method: Literal["grpo", "rloo", "dpo", "none"] = Field(
         "grpo",
         description=(
-            "grpo / rloo: online RL scored by the trained reward model (plus rule rewards); dpo: offline "
-            "on the preference pairs, no reward model trained."
+            "The stages a run uses after SFT. grpo / rloo: a reward model, then online RL scored by it "
+            "(plus rule rewards); needs preference pairs and RL prompts. dpo: offline on the preference "
+            "pairs, no reward model. none: SFT only (conversations and an eval set are all it needs); "
+            "the SFT model is the candidate."
         ),
     )
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate.")
@@ -506,25 +517,35 @@ class PipelineConfig(Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _check_trl_args(self) -> PipelineConfig:
+    def _check_sections_agree(self) -> PipelineConfig:
+        # The TRL settings are checked against TRL's classes by tasks/trainer_args.check_trainer_args,
+        # which the flow and the CLI call: this bottom layer imports nothing heavy.
         problems = []
-        align_class = {"grpo": "GRPOConfig", "rloo": "RLOOConfig", "dpo": "DPOConfig"}[self.align.method]
-        for section, cls_name in (("sft", "SFTConfig"), ("reward", "RewardConfig"), ("align", align_class)):
-            args = getattr(self, section).trl_args
-            if args:
-                problems += check_trl_args(section, cls_name, args)
-        if self.align.method == "dpo":
+        if not self.uses_reward_model:
+            method = self.align.method
             problems += [
-                f"gates: {g.name!r} needs a reward model, and align.method=dpo trains none "
+                f"gates: {g.name!r} needs a reward model, and align.method={method} trains none "
                 "(use grpo or rloo, or drop the gate)"
                 for g in self.gates
                 if g.metric in ("reward_score", "win_rate_vs_base", "win_rate_vs_champion")
+                or (g.stage == "reward")
             ]
             if self.align.rule_rewards:
                 problems.append(
-                    "align.rule_rewards: DPO trains offline on preference pairs; rule rewards need grpo or rloo"
+                    f"align.rule_rewards: rule rewards score online RL; align.method={method} has none "
+                    "(use grpo or rloo)"
                 )
-        if self.registry.format == "adapter":  # caught here, not after all the training
+        problems += [
+            f"data.{kind}: align.method={self.align.method} needs it (set a file, directory or glob)"
+            for kind in self.data_kinds
+            if getattr(self.data, kind) is None
+        ]
+        if self.registry.format == "adapter" and not self.uses_alignment:
+            if self.sft.save != "adapter":
+                problems.append(
+                    "registry.format=adapter with align.method=none registers the SFT adapter: set sft.save=adapter"
+                )
+        elif self.registry.format == "adapter":  # caught here, not after all the training
             if self.align.save != "adapter":
                 problems.append(
                     "registry.format=adapter registers the aligned adapter: set align.save=adapter"
@@ -539,26 +560,33 @@ class PipelineConfig(Section):
 
     @property
     def uses_reward_model(self) -> bool:
-        return self.align.method != "dpo"
+        return self.align.method in ("grpo", "rloo")
+
+    @property
+    def uses_alignment(self) -> bool:
+        return self.align.method != "none"
+
+    @property
+    def data_kinds(self) -> tuple[str, ...]:
+        """The data kinds this run's stages read."""
+        kinds = {
+            "grpo": ("preferences", "prompts"),
+            "rloo": ("preferences", "prompts"),
+            "dpo": ("preferences",),
+        }
+        return ("sft", *kinds.get(self.align.method, ()), "eval")
+
+    @property
+    def data_needed(self) -> DataSection:
+        """The data section with only the kinds this run's stages read; the others are None."""
+        return self.data.model_copy(
+            update={k: None for k in ("preferences", "prompts") if k not in self.data_kinds}
+        )
 
     def digest(self) -> str:
         """A stable hash of the resolved configuration."""
         payload = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def check_trl_args(section: str, trl_class: str, args: dict[str, Any]) -> list[str]:
-    """Names in `args` that the TRL config class does not have, with the nearest valid name."""
-    import trl  # heavy: only when pass-through fields are used
-
-    valid = {f.name for f in dataclasses.fields(getattr(trl, trl_class))}
-    problems = []
-    for key in args:
-        if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            problems.append(f"{section}.trl_args.{key}: not a field of trl.{trl_class}{hint}")
-    return problems
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

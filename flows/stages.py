@@ -1,0 +1,238 @@
+"""The pipeline's stages, declared once: what each runs, the config it reads, the artifacts it takes
+and the artifact it makes (Kedro's `node(func, inputs, outputs)`).
+
+The flow walks this table. A stage's call arguments, its cache key and its checkpoint directory all
+come from the same declaration, so a key cannot miss an input the stage is given: a stage sees only
+the config values and artifacts named here. Notation for `args` and `kwargs`:
+
+    "sft"                  the config section `sft` (a dotted path: "model.system_prompt")
+    "@dataset"             the artifact another stage made (or the flow put in the run's context)
+
+A training stage also gets `out_dir`, `checkpoint_dir` (keyed like its cache entry) and `placement`
+(where it runs); its key adds the runtime facts that change what training produces: the device kind
+and dtype where it runs (or the pool it is sent to). Every key holds the code version, which covers
+the stage code and the versions of the libraries it uses (`tunegate.provenance.code_version`).
+
+This module imports no orchestrator: the property test walks it without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tunegate.artifacts import Artifact, DataFile, ModelArtifact
+from tunegate.config import DataSection, PipelineConfig
+
+
+def _always(config: PipelineConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # Prefect task, MLflow run, cache folder
+    fn: str  # "module:function", imported when the stage runs
+    output: str  # the artifact's name in the run's context
+    args: tuple[str, ...] = ()
+    kwargs: dict[str, str] = field(default_factory=dict)
+    trains: bool = False  # a trainer runs: checkpointed, placed (local or pool), device facts in the key
+    cached: bool = True
+    when: Callable[[PipelineConfig], bool] = _always
+    gates: str | None = None  # the gate stage decided on this stage's metrics (GateSpec.stage)
+
+    def function(self) -> Callable[..., Any]:
+        import importlib
+
+        module, _, name = self.fn.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def refs(self) -> tuple[str, ...]:
+        return (*self.args, *self.kwargs.values())
+
+    def config_reads(self, config: PipelineConfig) -> set[str]:
+        """The config paths this stage reads, derived values expanded to the fields they come from."""
+        out: set[str] = set()
+        for ref in self.refs():
+            if not ref.startswith("@"):
+                out.update(DERIVED.get(ref, (ref,)))
+        if self.trains:
+            out.add("run.placement")
+            if config.run.placement == "pools":
+                out.add("run.training_deployment")
+        return out
+
+
+_TRAINING = {"seed": "run.seed", "gpus": "run.gpus", "accelerate_config": "run.accelerate_config"}
+
+# What makes the candidate, then what judges it; the flow checks the champion in between.
+PRODUCE: tuple[Stage, ...] = (
+    Stage("base-model", "tasks.base_model:prepare_base_model", "base", ("model",), cached=False),
+    Stage(
+        "validate",
+        "tasks.validate:validate_data",
+        "validated",
+        ("validate", "data_needed", "@base"),
+        {"system_prompt": "model.system_prompt"},
+    ),
+    Stage("build", "tasks.build:build_datasets", "dataset", ("build", "@validated"), {"seed": "run.seed"}),
+    Stage(
+        "sft", "tasks.sft:train_sft", "sft", ("sft", "@dataset", "@base"), _TRAINING, trains=True, gates="sft"
+    ),
+    Stage(
+        "reward-backbone",
+        "tasks.base_model:reward_backbone",
+        "backbone",
+        ("model", "reward.backbone", "@sft"),
+        cached=False,
+        when=lambda c: c.uses_reward_model,
+    ),
+    Stage(
+        "reward-model",
+        "tasks.reward:train_reward_model",
+        "reward",
+        ("reward", "@dataset", "@backbone"),
+        _TRAINING,
+        trains=True,
+        when=lambda c: c.uses_reward_model,
+        gates="reward",
+    ),
+    Stage(
+        "align",
+        "tasks.align:align_policy",
+        "aligned",
+        ("align", "@dataset", "@sft", "@reward"),
+        _TRAINING,
+        trains=True,
+        when=lambda c: c.uses_alignment,
+    ),
+)
+JUDGE: tuple[Stage, ...] = (
+    Stage(
+        "evaluate",
+        "tasks.evaluate:evaluate_models",
+        "report",
+        ("evaluate", "@dataset", "@models", "@reward"),
+        {"seed": "run.seed", "champion_version": "@champion_version"},
+    ),
+    Stage("gates", "tasks.gates:apply_gates", "verdict", ("gates", "@report"), cached=False),
+)
+
+STAGES = PRODUCE + JUDGE
+BY_NAME = {s.name: s for s in STAGES}
+
+# Values the config derives from its fields (properties of PipelineConfig), by the fields they read.
+DERIVED: dict[str, tuple[str, ...]] = {"data_needed": ("data", "align.method")}
+
+
+def resolve(ref: str, config: PipelineConfig, context: dict[str, Any]) -> Any:
+    """A config value by dotted path (sections by their YAML names) or an artifact by `@name`."""
+    if ref.startswith("@"):
+        return context.get(ref[1:])
+    value: Any = config
+    for part in ref.split("."):
+        value = getattr(value, "validate_" if value is config and part == "validate" else part)
+    return value
+
+
+def call_arguments(stage: Stage, config: PipelineConfig, context: dict[str, Any]) -> tuple[list, dict]:
+    args = [resolve(r, config, context) for r in stage.args]
+    kwargs = {k: resolve(r, config, context) for k, r in stage.kwargs.items()}
+    return args, kwargs
+
+
+def stage_key(stage: Stage, config: PipelineConfig, context: dict[str, Any], code: str) -> str:
+    """A digest of everything that decides the stage's result: exactly the values it is called with
+    (by content: digests, never paths), the code version and, for training, where it runs."""
+    args, kwargs = call_arguments(stage, config, context)
+    parts: list[Any] = [stage.name, code, [key_content(a) for a in args], key_content(kwargs)]
+    if stage.trains:
+        parts.append(training_facts(config))
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def checkpoint_dir(stage: Stage, key: str, config: PipelineConfig) -> Path:
+    """A training stage's checkpoints, keyed like its cache entry: a run started again with the same
+    inputs resumes them; a changed input (or GPU count, or device) never does."""
+    return Path(config.run.output_dir) / "checkpoints" / f"{stage.name}-{key[:16]}"
+
+
+def training_facts(config: PipelineConfig) -> dict[str, str]:
+    """Where a training stage runs changes what it produces (device, dtype, kernels): part of its key."""
+    run = config.run
+    if run.placement == "pools":
+        return {"placement": f"pool:{run.training_deployment}"}
+    return {"placement": "local", **_local_device()}
+
+
+@cache
+def _local_device() -> dict[str, str]:
+    import torch
+
+    if torch.cuda.is_available():  # the trainers use bf16 on CUDA, fp32 on CPU (tasks/training.py)
+        return {"device": f"cuda:{torch.cuda.get_device_name(0)}", "dtype": "bfloat16"}
+    return {"device": "cpu", "dtype": "float32"}
+
+
+# Fields that say where a record's files are, not what they hold: out of keys, verified on hits.
+LOCATION_FIELDS = frozenset(
+    {"path", "root", "manifest", "report_json", "report_markdown", "samples_path", "per_row_path"}
+)
+
+
+def key_content(value: Any) -> Any:
+    """`value` as JSON-able data by content: a model by its digest, a data file by its sha256, raw data
+    by its files' digests, records without their locations."""
+    if isinstance(value, ModelArtifact):  # whether its code may run changes what loading it does
+        return {"model": value.digest, "trust_remote_code": value.trust_remote_code}
+    if isinstance(value, DataFile):
+        return {"kind": value.kind, "rows": value.rows, "sha256": value.sha256}
+    if isinstance(value, DataSection):
+        return data_content(value)
+    if isinstance(value, Artifact):
+        return {
+            k: key_content(getattr(value, k))
+            for k in type(value).model_fields
+            if k not in LOCATION_FIELDS and not (k == "dropped" and _all_strings(getattr(value, k)))
+        }
+    if isinstance(value, BaseModel):
+        return key_content(value.model_dump(mode="json", by_alias=True))
+    if isinstance(value, dict):
+        return {str(k): key_content(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [key_content(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _all_strings(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(x, str) for x in v.values())
+
+
+def data_content(data: DataSection) -> dict[str, Any]:
+    """Raw data by what it holds, kind by kind, wherever the files live: moving them is not new data."""
+    from data_checks.readers import resolve_paths
+
+    out: dict[str, Any] = {"shapes": dict(sorted(data.shapes.items()))}
+    for kind in ("sft", "preferences", "prompts", "eval"):
+        spec = getattr(data, kind)
+        if spec is not None:
+            paths = resolve_paths(spec)
+            out[kind] = [file_digest(p) for p in paths] if paths else f"nothing at {spec}"
+    return out
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of every file under a directory (a `save_to_disk` dataset)."""
+    from tunegate.artifacts import sha256_dir, sha256_file
+
+    return sha256_dir(path) if path.is_dir() else sha256_file(path)

@@ -1,0 +1,218 @@
+"""Stage keys come from the stage table: changing any config field changes the keys of exactly the
+stages that read it, and no others (flows/stages.py)."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from flows.stages import STAGES, call_arguments, key_content, stage_key
+from tunegate.artifacts import DataFile, EvalReport, InstructionDataset, ModelArtifact, ValidatedData
+from tunegate.config import PipelineConfig
+
+# A field whose other values are only valid together with another field's (that no stage reads).
+COMPANIONS = {
+    "run.placement": {"run.artifact_root": "/shared/artifacts"},
+    "registry.format": {"align.save": "adapter"},
+}
+
+
+def _model(role: str, digest: str) -> ModelArtifact:
+    return ModelArtifact(path=f"/models/{digest}", role=role, base_model="m", digest=digest)
+
+
+def _context() -> dict[str, Any]:
+    files = {k: DataFile(kind=k, path=f"/v/{k}.jsonl", rows=3, sha256=k * 4) for k in ("sft", "eval")}
+    splits = {
+        k: DataFile(kind=k, path=f"/d/{k}.parquet", rows=3, sha256=k * 2) for k in ("sft_train", "eval")
+    }
+    return {
+        "base": _model("base", "b0"),
+        "validated": ValidatedData(files=files, report_json="/v/r.json", report_markdown="/v/r.md"),
+        "dataset": InstructionDataset(root="/d", splits=splits, manifest="/d/manifest.json"),
+        "sft": _model("sft", "s0"),
+        "backbone": _model("sft", "s0"),
+        "reward": _model("reward", "r0"),
+        "models": {"base": _model("base", "b0"), "candidate": _model("align", "a0")},
+        "report": EvalReport(scores={"candidate": {"x": 1.0}}, n_prompts=3, samples_path="/e/s.jsonl"),
+        "champion_version": "1",
+    }
+
+
+@pytest.fixture(params=["local", "pools"])
+def config(tmp_path, request) -> PipelineConfig:
+    run = {"placement": request.param, "artifact_root": "/shared/artifacts"}
+    data = {}
+    for kind in ("sft", "preferences", "prompts", "eval"):
+        (tmp_path / f"{kind}.jsonl").write_text(json.dumps({"kind": kind}) + "\n")
+        data[kind] = str(tmp_path / f"{kind}.jsonl")
+    return PipelineConfig.model_validate({"run": run, "data": data})
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaves(ann, f"{path}.")
+        else:
+            out.append(path)
+    return out
+
+
+def _candidates(value: Any, annotation: Any) -> list[Any]:
+    """Other values a field might take, in order of preference; the first that validates is used."""
+    literals = [a for a in _flatten(annotation) if typing.get_origin(a) is Literal]
+    options = [v for lit in literals for v in typing.get_args(lit) if v != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [*options, value + 1, value - 1]
+    if isinstance(value, float):
+        return [*options, value * 0.5 or 0.1, value + 0.01, value * 2]
+    if isinstance(value, str):
+        return [*options, f"{value}x", ["x"]]
+    if value is None:
+        return [*options, "x", 1, 0.5, True, ["x"]]
+    if isinstance(value, list):
+        return [value[:-1] if value else ["x"], [*value, "q_proj"], ["x"]]
+    if isinstance(value, dict):
+        changed = {k: (v + 1 if isinstance(v, int) else v) for k, v in value.items()}
+        return [changed if value else {"sft": "alpaca"}, {"max_grad_norm": 0.5}, {"X": "y"}]
+    raise AssertionError(f"no candidates for {value!r}")
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal or not args:
+        return [annotation]
+    return [a for arg in args for a in _flatten(arg)]
+
+
+def _get(raw: dict, path: str) -> Any:
+    for part in path.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _set(raw: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        raw = raw[part]
+    raw[last] = value
+
+
+def _annotation(path: str) -> Any:
+    model: Any = PipelineConfig
+    for part in path.split("."):
+        field = next(f for n, f in model.model_fields.items() if (f.alias or n) == part)
+        model = field.annotation
+    return model
+
+
+def _mutations(config: PipelineConfig, path: str) -> list[PipelineConfig]:
+    """Every valid config that differs from `config` in `path` (and its companions) by one candidate."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    out = []
+    for candidate in _candidates(_get(raw, path), _annotation(path)):
+        trial = json.loads(json.dumps(raw))
+        _set(trial, path, candidate)
+        for other, value in COMPANIONS.get(path, {}).items():
+            _set(trial, other, value)
+        try:
+            out.append(PipelineConfig.model_validate(trial))
+        except ValidationError:
+            continue
+    assert out, f"no valid other value found for {path}: add it to COMPANIONS"
+    return out
+
+
+def _keys(config: PipelineConfig) -> dict[str, str]:
+    ctx = _context()
+    return {s.name: stage_key(s, config, ctx, code="c") for s in STAGES}
+
+
+def _reads(stage, config: PipelineConfig, path: str) -> bool:
+    reads = stage.config_reads(config)
+    return any(path == r or path.startswith(f"{r}.") or r.startswith(f"{path}.") for r in reads)
+
+
+def test_every_config_field_changes_exactly_the_keys_of_the_stages_that_read_it(config):
+    """Each other value of a field changes only the keys of stages that read it (nothing spurious),
+    and every stage that reads it changes key for some value (nothing missed)."""
+    before = _keys(config)
+    wrong = []
+    for path in _leaves(PipelineConfig):
+        touched = [path, *COMPANIONS.get(path, {})]
+        expected = {s.name for s in STAGES if any(_reads(s, config, p) for p in touched)}
+        seen: set[str] = set()
+        for other in _mutations(config, path):
+            after = _keys(other)
+            changed = {name for name in before if before[name] != after[name]}
+            if spurious := changed - expected:
+                wrong.append(f"{path}: also changed the keys of {sorted(spurious)}, which do not read it")
+            seen |= changed
+        if missed := expected - seen:
+            wrong.append(f"{path}: read by {sorted(missed)}, whose keys never changed with it")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_stage_is_called_with_exactly_what_its_key_holds(config):
+    """The key and the call come from one declaration: every argument is in the key's content."""
+    ctx = _context()
+    for stage in STAGES:
+        args, kwargs = call_arguments(stage, config, ctx)
+        assert len(args) == len(stage.args) and set(kwargs) == set(stage.kwargs)
+
+
+def test_keys_follow_content_not_locations(config, tmp_path):
+    ctx = _context()
+    moved = dict(ctx, sft=ctx["sft"].model_copy(update={"path": "/elsewhere"}))
+    retrained = dict(ctx, sft=ctx["sft"].model_copy(update={"digest": "s1"}))
+    align = next(s for s in STAGES if s.name == "align")
+    key = stage_key(align, config, ctx, "c")
+    assert stage_key(align, config, moved, "c") == key  # same weights, another directory
+    assert stage_key(align, config, retrained, "c") != key  # other weights
+    assert stage_key(align, config, ctx, "other code") != key
+    # Raw data keyed by what the files hold: a copy elsewhere is the same data, an edit is not.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "sft.jsonl").write_bytes(Path(config.data.sft).read_bytes())
+    validate = next(s for s in STAGES if s.name == "validate")
+    key = stage_key(validate, config, ctx, "c")
+    elsewhere = config.model_copy(
+        update={"data": config.data.model_copy(update={"sft": str(copy / "sft.jsonl")})}
+    )
+    assert stage_key(validate, elsewhere, ctx, "c") == key
+    (copy / "sft.jsonl").write_text('{"kind": "changed"}\n')
+    assert stage_key(validate, elsewhere, ctx, "c") != key
+
+
+def test_a_run_reads_only_the_data_its_stages_need(config):
+    sft_only = config.model_copy(update={"align": config.align.model_copy(update={"method": "none"})})
+    assert sft_only.data_kinds == ("sft", "eval")
+    assert sft_only.data_needed.preferences is None and sft_only.data_needed.prompts is None
+    assert [s.name for s in STAGES if s.when(sft_only)] == [
+        "base-model",
+        "validate",
+        "build",
+        "sft",
+        "evaluate",
+        "gates",
+    ]
+    dpo = config.model_copy(update={"align": config.align.model_copy(update={"method": "dpo"})})
+    assert dpo.data_kinds == ("sft", "preferences", "eval")
+    assert "reward-model" not in [s.name for s in STAGES if s.when(dpo)]
+    # An SFT-only run needs no preference or prompt files at all.
+    cfg = PipelineConfig.model_validate(
+        {"align": {"method": "none"}, "data": {"preferences": None, "prompts": None}}
+    )
+    assert key_content(cfg.data_needed)["shapes"] == {}
+    with pytest.raises(ValidationError, match="data.preferences: align.method=grpo needs it"):
+        PipelineConfig.model_validate({"data": {"preferences": None}})
