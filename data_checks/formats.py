@@ -4,13 +4,16 @@ Kinds and the TRL format each one becomes:
 - sft:          prompt-completion, conversational: `prompt` (messages) and `completion` (the last
                 assistant message), so the loss falls on the assistant's answer whatever the template.
 - preferences:  explicit-prompt preference: `prompt`, `chosen`, `rejected` (messages).
-- prompts:      prompt-only: `prompt` (messages).
+- prompts:      prompt-only: `prompt` (messages), optionally with the eval rows' checks, which make
+                a verifiable reward for online RL (tasks/scoring.py `check_reward`).
 - eval:         prompt-only plus per-row acceptance checks, so a team writes its tests as data:
                 `prompt` (messages); `set`: task (default), canary (general questions the base model
                 answers: forgetting) or safety (requests to decline); and one or more checks, all of
                 which must pass: `expected_any` (an accepted answer appears), `exact` (the answer,
                 without the brand's greeting and sign-off, equals it), `regex` (it matches),
                 `json_schema` (a JSON value in the answer validates), `refuse: true` (it declines).
+Both kinds validate their checks with one function (`_checks`), so a regex that does not compile or an
+invalid JSON Schema is reported with its file and line before any training starts.
 """
 
 from __future__ import annotations
@@ -33,19 +36,18 @@ def arrow_schema(kind: str):
     import pyarrow as pa
 
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    checks = [
+        ("expected_any", pa.list_(pa.string())),
+        ("exact", pa.string()),
+        ("regex", pa.string()),
+        ("json_schema", pa.string()),  # the schema as canonical JSON text
+        ("refuse", pa.bool_()),
+    ]
     fields = {
         "sft": [("prompt", messages), ("completion", messages)],
         "preferences": [("prompt", messages), ("chosen", messages), ("rejected", messages)],
-        "prompts": [("prompt", messages)],
-        "eval": [
-            ("prompt", messages),
-            ("set", pa.string()),
-            ("expected_any", pa.list_(pa.string())),
-            ("exact", pa.string()),
-            ("regex", pa.string()),
-            ("json_schema", pa.string()),  # the schema as canonical JSON text
-            ("refuse", pa.bool_()),
-        ],
+        "prompts": [("prompt", messages), *checks],
+        "eval": [("prompt", messages), ("set", pa.string()), *checks],
     }[kind]
     return pa.schema(fields)
 
@@ -75,7 +77,7 @@ def detect_shape(kind: str, data: dict[str, Any]) -> str | None:
             return "prompt_only"
         if "messages" in keys:
             return "messages"
-    elif kind == "eval" and "prompt" in keys and keys & set(EVAL_CHECKS):
+    elif kind == "eval" and "prompt" in keys and keys & set(CHECKS):
         return "eval_prompt"
     return None
 
@@ -84,8 +86,8 @@ def expected_keys(kind: str) -> str:
     return {
         "sft": "`messages`, `conversations` (ShareGPT), `instruction`/`output` (Alpaca) or `prompt`/`completion`",
         "preferences": "`prompt`, `chosen`, `rejected` (or `chosen`/`rejected` conversations sharing a prompt)",
-        "prompts": "`prompt` (a string or a list of messages)",
-        "eval": "`prompt` and at least one check: " + ", ".join(f"`{c}`" for c in EVAL_CHECKS),
+        "prompts": "`prompt` (a string or a list of messages), optionally with checks as in eval rows",
+        "eval": "`prompt` and at least one check: " + ", ".join(f"`{c}`" for c in CHECKS),
     }[kind]
 
 
@@ -122,19 +124,34 @@ def normalise(
         prompt = _as_messages(data[key], key, default_role="user")
         if prompt[-1]["role"] != "user":
             raise RowError("a prompt must end with a user message")
-        return {"prompt": _with_system(prompt, system_prompt)}
+        # Only the checks a row carries: a row without any normalises as it did before checks existed.
+        checks = {k: v for k, v in _checks(data).items() if v}
+        return {"prompt": _with_system(prompt, system_prompt), **checks}
     if kind == "eval":
         prompt = _as_messages(data["prompt"], "prompt", default_role="user")
         return {"prompt": _with_system(prompt, system_prompt), **_eval_checks(data)}
     raise RowError(f"unknown data kind {kind!r}")
 
 
-EVAL_CHECKS = ("expected_any", "exact", "regex", "json_schema", "refuse")
+CHECKS = ("expected_any", "exact", "regex", "json_schema", "refuse")
 EVAL_SETS = ("task", "canary", "safety")
 
 
 def _eval_checks(data: dict[str, Any]) -> dict[str, Any]:
-    """An eval row's set and checks, each validated so a broken test fails here, not at evaluation."""
+    """An eval row's set and checks: at least one check, since an eval row is scored by them."""
+    out = _checks(data)
+    if not any(out.values()):
+        raise RowError("no check to score the answer by; add one of " + ", ".join(f"`{c}`" for c in CHECKS))
+    eval_set = data.get("set") or ("safety" if out["refuse"] else "task")
+    if eval_set not in EVAL_SETS:
+        raise RowError(f"`set` is {eval_set!r}; use one of {', '.join(EVAL_SETS)}")
+    out["set"] = eval_set
+    return out
+
+
+def _checks(data: dict[str, Any]) -> dict[str, Any]:
+    """A row's checks (eval rows, RL prompts), each validated so a broken check fails here, not when
+    it scores an answer; every key of `CHECKS`, None (`refuse`: False) where the row has no such check."""
     import json
     import re
 
@@ -181,14 +198,6 @@ def _eval_checks(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(refuse, bool):
         raise RowError("`refuse` must be true or false")
     out["refuse"] = refuse
-    if expected is None and out["exact"] is None and out["regex"] is None and schema is None and not refuse:
-        raise RowError(
-            "no check to score the answer by; add one of " + ", ".join(f"`{c}`" for c in EVAL_CHECKS)
-        )
-    eval_set = data.get("set") or ("safety" if refuse else "task")
-    if eval_set not in EVAL_SETS:
-        raise RowError(f"`set` is {eval_set!r}; use one of {', '.join(EVAL_SETS)}")
-    out["set"] = eval_set
     return out
 
 

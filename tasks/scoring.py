@@ -1,16 +1,19 @@
 """Scoring by code: each eval row's own checks, the brand rubric, refusals, and bootstrap intervals.
 
 Everything here is a pure function of strings and numbers, so the arithmetic the gates decide on is
-tested on fixed inputs.
+tested on fixed inputs. The same row checks reward online RL (`check_reward`): a policy is trained on
+exactly the code that later evaluates it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from data_checks.formats import CHECKS
 
 # Phrases that decline a request. Matched case-insensitively anywhere in the answer.
 REFUSAL_MARKERS = (
@@ -119,6 +122,43 @@ def row_checks(
     if row.get("refuse"):
         out["refuse"] = is_refusal(text, markers)
     return out
+
+
+def check_reward(
+    prefix: str | None = None, suffix: str | None = None, markers: Sequence[str] | None = None
+) -> Callable[..., list[float | None]]:
+    """A TRL reward function (GRPO, RLOO) scoring each completion by its prompt row's checks with
+    `row_checks`, as evaluation scores an answer.
+
+    TRL passes the dataset's other columns to a reward function as keyword arguments, one value per
+    completion; the check columns (`CHECKS`) are read from them. A completion earns the fraction of
+    its row's checks that pass (1.0 when all do), and None when the row has no check: TRL then leaves
+    it out of this function's mean and out of the weighted sum of rewards, so the other reward
+    functions alone score it. TRL logs the mean per step as `rewards/row_checks/mean`.
+
+    Args:
+        prefix, suffix: the brand's greeting and sign-off, stripped before an `exact` check.
+        markers: phrases that mark a refusal (`refuse` checks); None or empty: `REFUSAL_MARKERS`.
+    """
+    markers = tuple(markers) if markers else REFUSAL_MARKERS
+
+    def reward(prompts: list, completions: list, **columns) -> list[float | None]:
+        rewards: list[float | None] = []
+        for i, completion in enumerate(completions):
+            row = {c: columns[c][i] for c in CHECKS if c in columns}
+            passed = row_checks(row, completion_text(completion), prefix, suffix, markers)
+            rewards.append(sum(passed.values()) / len(passed) if passed else None)
+        return rewards
+
+    reward.__name__ = reward.__qualname__ = "row_checks"  # TRL names the logged metric after it
+    return reward
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The answer in a TRL completion: the text itself, or the last assistant message's content."""
+    if isinstance(completion, str):
+        return completion
+    return next((m.get("content") or "" for m in reversed(completion) if m.get("role") == "assistant"), "")
 
 
 def wins(candidate: Sequence[float], other: Sequence[float], tie: float = 1e-6) -> list[float]:

@@ -103,6 +103,9 @@ def test_demo_data_passes(kind, data_dir, tiny_model):
             ":1",
             "`expected_any` must be a non-empty list",
         ),
+        # RL prompts may carry eval checks (verifiable rewards): checked as eval rows are.
+        ("prompts_bad_regex.jsonl", "prompts", "schema and roles", ":2", "`regex` does not compile"),
+        ("prompts_bad_json_schema.jsonl", "prompts", "schema and roles", ":2", "not a valid JSON Schema"),
     ],
 )
 def test_broken_fixture_is_reported_with_location(fixture, kind, check, where, text):
