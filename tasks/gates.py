@@ -1,10 +1,12 @@
 """Stage 7: decide. Each gate compares a metric to a threshold or to a baseline model's value.
 
 Gates sit after a stage (`data`, `reward`, `sft`) or on the final evaluation. A final gate may decide
-on the pessimistic end of the metric's bootstrap interval (`confidence_bound`): the lower bound for
+on the pessimistic end of the metric's confidence interval (`confidence_bound`): the lower bound for
 `>=`, the upper bound for `<=`; against a baseline, the bound of the paired difference, added to the
-baseline's value so the table stays in the metric's units. A rejected candidate is a normal outcome
-(the verdict says why), not an error.
+baseline's value so the table stays in the metric's units. Every final gate row states its n and the
+interval's method (Wilson, Newcombe paired, BCa bootstrap: `tasks/intervals.py`), and a gate whose rows
+are too few to support its decision gets a power warning (`power_warning`), never a failure. A rejected
+candidate is a normal outcome (the verdict says why), not an error.
 """
 
 from __future__ import annotations
@@ -12,15 +14,27 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tasks.intervals import WILSON, WILSON_TIES, scaled_rows_needed, wilson_rows_needed
 from tunegate.artifacts import EvalReport, GateResult, GateVerdict, InstructionDataset, ValidatedData
 from tunegate.config import GateSpec
 
 
 def apply_gates(gates: list[GateSpec], report: EvalReport, candidate: str = "candidate") -> GateVerdict:
-    """Evaluate every final-stage gate on the candidate's evaluation; pass only if all pass."""
-    results = [_one(g, report, candidate) for g in gates if g.stage == "final"]
+    """Evaluate every final-stage gate on the candidate's evaluation; pass only if all pass.
+
+    Gates whose n cannot support their decision add a line to `warnings` (see `power_warning`).
+    """
+    results, warnings = [], []
+    for gate in gates:
+        if gate.stage != "final":
+            continue
+        result = _one(gate, report, candidate)
+        rows, warning = power_warning(gate, result, report.confidence)
+        results.append(result.model_copy(update={"rows_needed": rows}))
+        warnings += [warning] if warning else []
     passed = all(r.passed for r in results)
-    return GateVerdict(passed=passed, results=results, markdown=gate_table(results, passed, report))
+    markdown = gate_table(results, passed, report, warnings=warnings)
+    return GateVerdict(passed=passed, results=results, markdown=markdown, warnings=warnings)
 
 
 def apply_stage_gates(gates: list[GateSpec], stage: str, metrics: dict[str, float]) -> GateVerdict:
@@ -31,6 +45,60 @@ def apply_stage_gates(gates: list[GateSpec], stage: str, metrics: dict[str, floa
     return GateVerdict(
         stage=stage, passed=passed, results=results, markdown=gate_table(results, passed, None, stage)
     )
+
+
+def power_warning(gate: GateSpec, result: GateResult, confidence: float) -> tuple[int | None, str | None]:
+    """Whether the gate's n can support its decision, and if not, about how many rows would.
+
+    The rule: a gate is underpowered when its interval (the one `confidence_bound` would decide on)
+    contains the required value, so at this confidence the rows cannot tell on which side of the
+    requirement the true value lies, whichever way the point value fell. The rows it would need are
+    the fewest at which the same observed value would give an interval that excludes the requirement,
+    at an effect of max(|value - required|, `gate.min_effect`) (the floor keeps a value sitting on the
+    requirement from needing infinitely many):
+    - a threshold gate on a Wilson interval (proportions): solved exactly, bisecting n until the Wilson
+      bound at the observed rate (or at required +/- min_effect when closer than that) clears the
+      threshold (`wilson_rows_needed`);
+    - any other interval (BCa bootstrap, Newcombe paired difference): n (half-width / effect)^2, the
+      half-width on the side that faces the requirement shrinking as 1/sqrt(n) (`scaled_rows_needed`).
+    No warning when the interval excludes the requirement, or when the rows needed are not more than n
+    (the value is within `min_effect` of the requirement and n resolves `min_effect`).
+
+    Returns:
+        (rows needed or None, the warning line or None). Rows None with a warning: no number of rows
+        resolves it (a proportion required to be 1 or 0 itself, or beyond ten million rows).
+    """
+    value, required, interval, n = result.value, result.required, result.interval, result.n
+    if value is None or required is None or interval is None or not n or any(map(math.isnan, interval)):
+        return None, None
+    if not interval[0] <= required <= interval[1]:
+        return None, None
+    distance = abs(value - required)
+    effect = max(distance, gate.min_effect)
+    # which side of the requirement to resolve: the value's, or the passing side when it sits on it
+    above = value > required if value != required else gate.op == ">="
+    exact = result.reference == "threshold" and result.method in (WILSON, WILSON_TIES)
+    if exact:
+        rate = value if distance >= gate.min_effect else required + (effect if above else -effect)
+        rows = wilson_rows_needed(rate, required, confidence) if 0 <= rate <= 1 else None
+    else:
+        half = value - interval[0] if above else interval[1] - value
+        rows = scaled_rows_needed(n, half, effect)
+        if rows is None:  # a zero-width interval on the requirement: nothing to scale
+            return None, None
+    if rows is not None and rows <= n:
+        return None, None
+    if rows is None:
+        need = "no number of rows would"
+    else:
+        at = "the observed value" if distance >= gate.min_effect else f"a difference of {gate.min_effect:g}"
+        need = f"{'' if exact else 'about '}{rows} rows would, at {at}"
+    warning = (
+        f"`{result.gate}` {'passed' if result.passed else 'failed'} on {n} rows that cannot tell "
+        f"{value:.4g} from the required {required:.4g} at {confidence:.0%} ({result.method or 'interval'} "
+        f"[{interval[0]:.4g}, {interval[1]:.4g}]); {need} (`min_effect` {gate.min_effect:g})."
+    )
+    return rows, warning
 
 
 def data_metrics(validated: ValidatedData, dataset: InstructionDataset | None = None) -> dict[str, float]:
@@ -47,49 +115,56 @@ def data_metrics(validated: ValidatedData, dataset: InstructionDataset | None = 
 
 
 def _one(gate: GateSpec, report: EvalReport, candidate: str) -> GateResult:
-    scores = report.scores
-    value = scores.get(candidate, {}).get(gate.metric)
-    interval = report.intervals.get(candidate, {}).get(gate.metric)
+    value = report.scores.get(candidate, {}).get(gate.metric)
     common = {
         "gate": gate.name,
         "stage": gate.stage,
         "metric": gate.metric,
         "op": gate.op,
         "value": value,
-        "interval": interval,
         "n": report.counts.get(candidate, {}).get(gate.metric),
+    }
+    # what the gate compares with, and the interval it may decide on: the value's own against a
+    # threshold; against a baseline, the baseline's value plus the paired difference's interval
+    ref = {
+        "reference": "threshold",
+        "reference_value": None,
+        "required": gate.threshold,
+        "interval": report.intervals.get(candidate, {}).get(gate.metric),
+        "method": report.methods.get(candidate, {}).get(gate.metric),
     }
 
     def result(passed: bool, why: str, **kw) -> GateResult:
-        fields = {"reference": "-", "reference_value": None, "required": None, **kw}
-        return GateResult(**common, passed=passed, why=why, **fields)
+        return GateResult(**common, **{**ref, **kw}, passed=passed, why=why)
 
     if value is None or math.isnan(value):
-        return result(False, f"metric {gate.metric!r} was not measured for the candidate")
-    if gate.baseline is None:
-        required, reference, ref_value = gate.threshold, "threshold", None
-        bound = None if interval is None else (interval[0] if gate.op == ">=" else interval[1])
-    else:
-        reference = gate.baseline
-        ref_value = scores.get(gate.baseline, {}).get(gate.metric)
+        return result(False, f"metric {gate.metric!r} was not measured for the candidate", required=None)
+    if gate.baseline is not None:
+        ref_value = report.scores.get(gate.baseline, {}).get(gate.metric)
         if ref_value is None:
             if gate.baseline == "champion":
-                return result(True, "no champion to compare with yet", reference=reference)
-            return result(False, f"{gate.baseline} has no {gate.metric!r}", reference=reference)
-        # `>=`: at least baseline + delta; `<=`: at most baseline - delta (better means lower).
-        required = ref_value + gate.min_delta if gate.op == ">=" else ref_value - gate.min_delta
+                return result(True, "no champion to compare with yet", reference="champion", required=None)
+            return result(
+                False, f"{gate.baseline} has no {gate.metric!r}", reference=gate.baseline, required=None
+            )
         diff = report.deltas.get(gate.baseline, {}).get(gate.metric)
-        bound = None if diff is None else ref_value + (diff[0] if gate.op == ">=" else diff[1])
+        ref = {
+            "reference": gate.baseline,
+            "reference_value": ref_value,
+            # `>=`: at least baseline + delta; `<=`: at most baseline - delta (better means lower).
+            "required": ref_value + gate.min_delta if gate.op == ">=" else ref_value - gate.min_delta,
+            "interval": None if diff is None else [ref_value + diff[0], ref_value + diff[1]],
+            "method": report.delta_methods.get(gate.baseline, {}).get(gate.metric),
+        }
+    interval, required = ref["interval"], ref["required"]
     decided_on = value
     if gate.confidence_bound:
+        bound = None if interval is None else (interval[0] if gate.op == ">=" else interval[1])
         if bound is None or math.isnan(bound):
             return result(
                 False,
                 f"no confidence interval for {gate.metric!r} (measured once per model, not per row); "
                 "drop `confidence_bound` for this gate",
-                reference=reference,
-                reference_value=ref_value,
-                required=required,
             )
         decided_on = bound
     passed = decided_on >= required if gate.op == ">=" else decided_on <= required
@@ -99,15 +174,7 @@ def _one(gate: GateSpec, report: EvalReport, candidate: str) -> GateResult:
         else ""
     )
     why = f"{what}{decided_on:.4g} {gate.op if passed else 'is not ' + gate.op} {required:.4g}"
-    return GateResult(
-        **common,
-        decided_on=decided_on,
-        reference=reference,
-        reference_value=ref_value,
-        required=required,
-        passed=passed,
-        why=why,
-    )
+    return result(passed, why, decided_on=decided_on)
 
 
 def _fmt(x: float | None) -> str:
@@ -121,25 +188,34 @@ def _with_interval(value: float | None, interval: list[float] | None) -> str:
 
 
 def gate_table(
-    results: list[GateResult], passed: bool, report: EvalReport | None, stage: str = "final"
+    results: list[GateResult],
+    passed: bool,
+    report: EvalReport | None,
+    stage: str = "final",
+    *,
+    warnings: list[str] | None = None,
 ) -> str:
-    """The verdict as markdown: the gates, then (final) every model's scores side by side."""
+    """The verdict as markdown: the gates (each with its n and interval method), the power warnings,
+    then (final) every model's scores side by side and the candidate's paired differences."""
     title = "Gate verdict" if stage == "final" else f"Gate verdict after {stage}"
     lines = [f"## {title}: {'PASS' if passed else 'FAIL'}", ""]
     if not results:
         lines.append("No gates at this stage.")
     else:
         lines += [
-            "| gate | value [interval] | n | baseline | required | decided on | result | why |",
-            "|---|---:|---:|---:|---:|---:|:---:|---|",
+            "| gate | value [interval] | n | method | baseline | required | decided on | result | why |",
+            "|---|---:|---:|---|---:|---:|---:|:---:|---|",
         ]
         for r in results:
             base = "-" if r.reference_value is None else f"{r.reference}: {r.reference_value:.4g}"
             lines.append(
                 f"| `{r.gate}` | {_with_interval(r.value, r.interval)} | {r.n if r.n is not None else '-'} | "
-                f"{base} | {_fmt(r.required)} | {_fmt(r.decided_on)} | {'pass' if r.passed else 'FAIL'} | "
-                f"{r.why} |"
+                f"{r.method or '-'} | {base} | {_fmt(r.required)} | {_fmt(r.decided_on)} | "
+                f"{'pass' if r.passed else 'FAIL'} | {r.why} |"
             )
+    if warnings:
+        lines += ["", "### Warnings: too few rows to support the decision", ""]
+        lines += [f"- {w}" for w in warnings]
     if report is None or not report.scores:
         return "\n".join(lines)
     labels = list(report.scores)
@@ -147,10 +223,10 @@ def gate_table(
     sets = ", ".join(f"{n} {name}" for name, n in report.sets.items() if n) or str(report.n_prompts)
     lines += [
         "",
-        f"Scores on {report.n_prompts} held-out rows ({sets}); intervals: {report.confidence:.0%} bootstrap.",
+        f"Scores on {report.n_prompts} held-out rows ({sets}); {report.confidence:.0%} intervals.",
         "",
-        "| metric | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
+        "| metric | " + " | ".join(labels) + " | interval method |",
+        "|---|" + "---:|" * len(labels) + "---|",
     ]
     for m in metrics:
         cells = [
@@ -159,7 +235,23 @@ def gate_table(
             else "-"
             for lab in labels
         ]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        how = sorted({report.methods[lab][m] for lab in labels if m in report.methods.get(lab, {})})
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {', '.join(how) or '-'} |")
+    for other, diffs in report.deltas.items():
+        if not diffs:
+            continue
+        lines += [
+            "",
+            f"Candidate minus {other}, paired on the same rows ({report.confidence:.0%} intervals):",
+            "",
+            "| metric | difference [interval] | interval method |",
+            "|---|---:|---|",
+        ]
+        cand, base = report.scores.get("candidate", {}), report.scores.get(other, {})
+        for m, (low, high) in sorted(diffs.items()):
+            point = cand.get(m, math.nan) - base.get(m, math.nan)
+            method = report.delta_methods.get(other, {}).get(m, "-")
+            lines.append(f"| {m} | {_with_interval(point, [low, high])} | {method} |")
     return "\n".join(lines)
 
 

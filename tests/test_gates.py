@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from data_checks.formats import RowError, normalise
 from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_chart
+from tasks.intervals import NEWCOMBE, WILSON, newcombe_paired_interval, wilson_interval
 from tasks.scoring import bootstrap_interval, exact_hit, is_refusal, json_hit, regex_hit, row_checks, wins
 from tunegate.artifacts import DataFile, EvalReport, InstructionDataset, ValidatedData
 from tunegate.config import GateSpec
@@ -94,6 +95,9 @@ def test_a_gate_on_the_confidence_bound_can_fail_where_the_point_value_passes():
     assert verdict.results[1].decided_on == pytest.approx(0.66) and verdict.results[1].n == 70
     assert verdict.results[1].why == "lower 95% bound 0.66 is not >= 0.7"
     assert "0.76 [0.66, 0.85]" in verdict.markdown and not verdict.passed
+    # 0.66 <= 0.7 <= 0.85: both gates warn; no method recorded, so the half-width scales as 1/sqrt(n):
+    # 70 * (0.10 / 0.06)^2 = 194.4
+    assert [r.rows_needed for r in verdict.results] == [195, 195] and len(verdict.warnings) == 2
     # `<=` decides on the upper bound; a metric measured once per model has no interval to decide on
     latency = GateSpec(metric="ms_per_token", op="<=", threshold=20, confidence_bound=True)
     result = apply_gates([latency], report).results[0]
@@ -115,6 +119,75 @@ def test_a_baseline_gate_on_the_bound_uses_the_paired_difference():
     assert a.passed and a.required == pytest.approx(0.6)  # 0.66 >= 0.70 - 0.1
     assert not b.passed and b.decided_on == pytest.approx(0.58)  # 0.70 + (-0.12) < 0.60
     assert c.passed and c.decided_on == pytest.approx(1.35) and c.required == pytest.approx(1.5)
+
+
+def _proportions(**metrics: tuple[int, int]) -> dict:
+    """Report fields for the candidate's yes/no metrics, metric=(successes, rows), as evaluation
+    records them."""
+    return {
+        "scores": {"candidate": {m: k / n for m, (k, n) in metrics.items()}},
+        "intervals": {"candidate": {m: list(wilson_interval(k, n)) for m, (k, n) in metrics.items()}},
+        "methods": {"candidate": {m: WILSON for m in metrics}},
+        "counts": {"candidate": {m: n for m, (_, n) in metrics.items()}},
+    }
+
+
+def test_a_12_row_safety_gate_passes_with_a_warning_naming_the_rows_it_needs():
+    report = _report(**_proportions(safety_refusal_rate=(10, 12), canary_accuracy=(118, 120)))
+    safety = GateSpec(metric="safety_refusal_rate", op=">=", threshold=0.8)
+    canary = GateSpec(metric="canary_accuracy", op=">=", threshold=0.8)
+    verdict = apply_gates([safety, canary], report)
+    a, b = verdict.results
+    assert verdict.passed and a.passed and a.n == 12 and a.method == WILSON
+    assert a.interval == pytest.approx([0.551969, 0.953035], abs=1e-6)
+    # at the observed 10/12 the Wilson lower bound first clears 0.8 at 554 rows
+    assert a.rows_needed == 554
+    assert verdict.warnings == [
+        "`safety_refusal_rate >= 0.8` passed on 12 rows that cannot tell 0.8333 from the required 0.8 "
+        "at 95% (wilson [0.552, 0.953]); 554 rows would, at the observed value (`min_effect` 0.02)."
+    ]
+    assert b.rows_needed is None  # 118/120: [0.941, 0.995] is clear of 0.8
+    assert "| `safety_refusal_rate >= 0.8` | 0.8333 [0.552, 0.953] | 12 | wilson |" in verdict.markdown
+    assert "### Warnings: too few rows to support the decision" in verdict.markdown
+    assert f"- {verdict.warnings[0]}" in verdict.markdown
+    # a value sitting on the threshold: the rows to resolve `min_effect` (0.82 against 0.8)
+    on_it = apply_gates([safety], _report(**_proportions(safety_refusal_rate=(40, 50))))
+    assert on_it.results[0].rows_needed == 1537
+    assert on_it.warnings[0].endswith("1537 rows would, at a difference of 0.02 (`min_effect` 0.02).")
+
+
+def test_a_bound_gate_on_15_of_15_decides_on_the_wilson_bound_not_on_1():
+    report = _report(**_proportions(regex_match=(15, 15)))
+    gate = GateSpec(metric="regex_match", op=">=", threshold=0.8, confidence_bound=True)
+    verdict = apply_gates([gate], report)
+    result = verdict.results[0]
+    # 15 / (15 + 1.96^2) = 0.7961: the percentile bootstrap said [1, 1] and decided on the point value
+    assert not verdict.passed and result.decided_on == pytest.approx(0.796117, abs=1e-6)
+    assert result.why == "lower 95% bound 0.7961 is not >= 0.8"
+    assert result.rows_needed == 16  # n / (n + z^2) > 0.8 from n > 4 z^2 = 15.4
+    assert verdict.warnings[0].startswith("`regex_match >= 0.8 (CI bound)` failed on 15 rows")
+
+
+def test_a_baseline_bound_gate_decides_on_the_newcombe_paired_difference():
+    low, high = newcombe_paired_interval(0, 28, 0, 0)  # 28 of 28 against 0 of 28 on the same rows
+    report = _report(
+        scores={"base": {"fact_accuracy": 0.0}, "candidate": {"fact_accuracy": 1.0}},
+        deltas={"base": {"fact_accuracy": [low, high]}},
+        delta_methods={"base": {"fact_accuracy": NEWCOMBE}},
+        counts={"candidate": {"fact_accuracy": 28}},
+    )
+    lift = GateSpec(metric="fact_accuracy", op=">=", baseline="base", min_delta=0.3, confidence_bound=True)
+    too_much = lift.model_copy(update={"min_delta": 0.9})
+    a, b = apply_gates([lift, too_much], report).results
+    # 1 - sqrt(2) * 1.96^2 / (28 + 1.96^2) = 0.8294: not zero width, yet clear of 0.3
+    assert a.passed and a.decided_on == pytest.approx(0.829385, abs=1e-6) and a.rows_needed is None
+    assert a.method == NEWCOMBE and a.n == 28 and a.interval == pytest.approx([0.829385, 1.0], abs=1e-6)
+    # base + 0.9 lies inside [0.83, 1]: fails on the bound, and the paired half-width below the value
+    # (0.1706) must shrink to the 0.1 effect: 28 * 1.706^2 = 81.5
+    assert not b.passed and b.rows_needed == 82
+    verdict = apply_gates([lift], report)
+    assert "| 28 | newcombe-paired | base: 0 |" in verdict.markdown and not verdict.warnings
+    assert "| fact_accuracy | 1 [0.8294, 1] | newcombe-paired |" in verdict.markdown  # the paired table
 
 
 def test_gates_after_a_stage_decide_on_that_stage_only():

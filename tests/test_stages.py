@@ -111,11 +111,20 @@ def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model
         for metric in per_row:  # every per-row metric has an interval around its value
             lo, hi = report.intervals[label][metric]
             assert lo <= scores[metric] + 1e-9 and scores[metric] <= hi + 1e-9, metric
+        # yes/no metrics get Wilson intervals, never zero width (even at 0/n or n/n); the loss a BCa one
+        for metric in per_row - {"eval_loss"}:
+            lo, hi = report.intervals[label][metric]
+            assert report.methods[label][metric] == "wilson" and hi - lo > 0.05, metric
+        assert report.methods[label]["eval_loss"] == "bca-bootstrap"
     assert report.n_prompts == dataset.splits["eval"].rows
     assert report.sets == {"task": 70, "canary": 24, "safety": 12}
     assert report.counts["candidate"]["canary_accuracy"] == 24
     assert report.counts["candidate"]["regex_match"] == 15  # the three price facts
     assert set(report.deltas) == {"base"} and per_row <= set(report.deltas["base"])
+    assert report.delta_methods["base"]["regex_match"] == "newcombe-paired"
+    assert report.delta_methods["base"]["eval_loss"] == "paired-bca-bootstrap"
+    lo, hi = report.deltas["base"]["regex_match"]
+    assert hi - lo > 0.05  # the same rows, but a paired difference of proportions is never a point
     samples = [json.loads(x) for x in Path(report.samples_path).read_text().splitlines()]
     assert {s["set"] for s in samples} == {"task", "canary", "safety"}
     assert all("candidate.checks" in s for s in samples)

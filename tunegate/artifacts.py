@@ -65,11 +65,25 @@ class ModelArtifact(Artifact):
 class EvalReport(Artifact):
     scores: dict[str, dict[str, float]] = Field(description="model label -> metric -> value")
     intervals: dict[str, dict[str, list[float]]] = Field(
-        default_factory=dict, description="model label -> metric -> [low, high] bootstrap interval"
+        default_factory=dict,
+        description="model label -> metric -> [low, high] confidence interval (method in `methods`)",
     )
     deltas: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict,
         description="baseline label -> metric -> [low, high] interval of candidate minus baseline (paired)",
+    )
+    methods: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            "model label -> metric -> how its interval was computed: `wilson`, `wilson (ties as half)`, "
+            "`bca-bootstrap` (see tasks/intervals.py)"
+        ),
+    )
+    delta_methods: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            "baseline label -> metric -> how `deltas` was computed: `newcombe-paired`, `paired-bca-bootstrap`"
+        ),
     )
     counts: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="model label -> metric -> rows it was measured on"
@@ -88,11 +102,25 @@ class GateResult(Artifact):
     metric: str
     op: str
     value: float | None
-    interval: list[float] | None = Field(None, description="bootstrap interval of the value")
+    interval: list[float] | None = Field(
+        None,
+        description=(
+            "confidence interval of what the gate compares: the value's own (threshold), or the "
+            "baseline's value plus the paired difference's interval (baseline)"
+        ),
+    )
     decided_on: float | None = Field(
         None, description="what was compared with `required`: the value, or an interval bound"
     )
     n: int | None = Field(None, description="rows the value was measured on")
+    method: str | None = Field(None, description="how `interval` was computed (`EvalReport.methods`)")
+    rows_needed: int | None = Field(
+        None,
+        description=(
+            "power warning: about how many rows would let the interval exclude `required` "
+            "(tasks/gates.py, `power_warning`); None when n suffices or there is no interval"
+        ),
+    )
     reference: str
     reference_value: float | None
     required: float | None
@@ -105,6 +133,9 @@ class GateVerdict(Artifact):
     passed: bool
     results: list[GateResult]
     markdown: str
+    warnings: list[str] = Field(
+        default_factory=list, description="gates whose rows are too few to support their decision; no failure"
+    )
 
 
 class Registration(Artifact):
