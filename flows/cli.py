@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rollback(args) -> int:
-    from flows.locks import promotion_lock
+    from tasks.promotion_lock import promotion_lock
     from tasks.registry import rollback
     from tunegate.config import load_config
     from tunegate.errors import PromotionError
@@ -139,7 +139,8 @@ def _lineage(args) -> int:
 
 
 def _up(args) -> int:
-    from flows.deploy import ServerError, up
+    from flows.deploy import ServerError
+    from flows.stack import up
 
     try:
         up(

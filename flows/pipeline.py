@@ -30,7 +30,6 @@ from prefect.states import Completed
 from flows import cache, reporting
 from flows.guards import check_data_roots, secrets_from_blocks
 from flows.lineage import log_lineage
-from flows.locks import promotion_lock
 from flows.placement import check_deployment, placed
 from flows.progress import forward_stage_logs, stage_telemetry, watch
 from flows.retries import as_stage_error, is_transient, retry_transient
@@ -45,7 +44,8 @@ from flows.stages import (
     stage_key,
 )
 from tasks.gates import apply_stage_gates, data_metrics
-from tasks.registry import current_champion, fetch_champion, store_setup_lock
+from tasks.promotion_lock import promotion_lock, store_setup_lock
+from tasks.registry import current_champion, fetch_champion
 from tasks.trainer_args import check_trainer_args
 from tunegate.artifacts import (
     Artifact,

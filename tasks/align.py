@@ -17,20 +17,18 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks.checkpoints import finish_checkpoints, train_resumable
 from tasks.evaluate import completion_loss, generate_answers
+from tasks.model_io import load_causal_lm, save_policy
 from tasks.reward import load_reward_model, score_conversations
 from tasks.telemetry import training_telemetry
 from tasks.trainer_args import trainer_config
 from tasks.training import (
-    finish_checkpoints,
     finite_loss_guard,
-    load_causal_lm,
     peft_for,
     require_mode_supported,
     require_trained,
-    save_policy,
     seed_everything,
-    train_resumable,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir

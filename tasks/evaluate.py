@@ -24,9 +24,10 @@ import math
 import time
 from pathlib import Path
 
+from tasks.model_io import load_causal_lm
 from tasks.reward import load_reward_model, score_conversations
 from tasks.scoring import REFUSAL_MARKERS, bootstrap_interval, brand_ok, row_checks, wins
-from tasks.training import load_causal_lm, on_cuda
+from tasks.training import on_cuda
 from tunegate.artifacts import EvalReport, InstructionDataset, ModelArtifact
 from tunegate.config import EvaluateSection
 from tunegate.errors import StageGateFailed

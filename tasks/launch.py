@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.training import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir
+from tasks.checkpoints import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir
 from tunegate import errors
 from tunegate.artifacts import InstructionDataset, ModelArtifact
 from tunegate.config import AlignSection, RewardSection, SftSection

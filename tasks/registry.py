@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.model_card import description, model_card
+from tasks.model_io import is_adapter
 from tasks.promotion_lock import Lease, Lock, LockHeld, promotion_lock
-from tasks.promotion_lock import local_promotion_lock as local_promotion_lock  # re-exported
-from tasks.promotion_lock import local_store as local_store  # re-exported
-from tasks.promotion_lock import store_setup_lock as store_setup_lock  # re-exported
-from tasks.training import is_adapter
 from tunegate.artifacts import BASE_REF, GateVerdict, ModelArtifact, Registration, base_of
 from tunegate.config import RegistrySection
 from tunegate.errors import ConfigError, PromotionError
@@ -409,7 +406,8 @@ def _log_model(cfg: RegistrySection, candidate: ModelArtifact, base: ModelArtifa
 
 def _load_for_logging(candidate: ModelArtifact, base: ModelArtifact | None):
     """Merged weights (an adapter merged onto its base), or the adapter as a PeftModel on its base."""
-    from tasks.training import load_causal_lm, on_cuda
+    from tasks.model_io import load_causal_lm
+    from tasks.training import on_cuda
 
     if base is None:
         return load_causal_lm(candidate.path, trust_remote_code=candidate.trust_remote_code)[0]

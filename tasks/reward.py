@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tasks.checkpoints import finish_checkpoints, train_resumable
+from tasks.model_io import save_policy
 from tasks.telemetry import training_telemetry
 from tasks.trainer_args import trainer_config
 from tasks.training import (
-    finish_checkpoints,
     finite_loss_guard,
     on_cuda,
     peft_for,
     require_mode_supported,
     require_trained,
-    save_policy,
     seed_everything,
-    train_resumable,
     weights_fingerprint,
 )
 from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir

@@ -28,9 +28,9 @@ from flows.deploy import (
     REPO,
     ServerError,
     deploy,
-    local_stack,
     read_prefect_file,
 )
+from flows.stack import local_stack
 from tests.conftest import tiny_raw_config
 from tunegate.config import load_config, parse_config
 from tunegate.errors import ConfigError

@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.registry
-from flows.deploy import _Service, mlflow_server
 from flows.pipeline import pipeline
+from flows.stack import Service, mlflow_server
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
 from tunegate.errors import StoreUnavailable
@@ -41,13 +41,13 @@ class TrackingServer:
     def __init__(self, home: Path) -> None:
         self.home, self.port = home, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.service: _Service | None = None
+        self.service: Service | None = None
 
     def start(self) -> None:
         import os
 
         cmd, env = mlflow_server(self.home, self.port, os.environ)  # as `tunegate up` starts it
-        self.service = _Service.start("mlflow-server", cmd, env, self.home, self.home)
+        self.service = Service.start("mlflow-server", cmd, env, self.home, self.home)
         self.service.wait_healthy(f"{self.url}/health", time.monotonic() + 120)
 
     def stop(self) -> None:

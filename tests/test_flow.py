@@ -387,8 +387,7 @@ def test_two_concurrent_runs_promote_exactly_one(tiny_model, data_dir, tmp_path)
 
 
 def test_remote_store_promotion_lock_is_held_by_the_tracking_server():
-    from flows.locks import promotion_lock
-    from tasks.registry import local_promotion_lock
+    from tasks.promotion_lock import local_promotion_lock, promotion_lock
     from tunegate.config import RegistrySection
     from tunegate.errors import PromotionError
 

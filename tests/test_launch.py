@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 import tasks.launch
+from tasks.checkpoints import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir, train_resumable
 from tasks.launch import launch
-from tasks.training import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir, train_resumable
 from tunegate.artifacts import ModelArtifact
 from tunegate.errors import TrainingError
 
@@ -28,7 +28,7 @@ RECORD = ModelArtifact(path="/nowhere", role="sft", base_model="tiny", digest="d
 HOLDER = r"""
 import sys, time
 from pathlib import Path
-from tasks.training import claim_checkpoint_dir
+from tasks.checkpoints import claim_checkpoint_dir
 
 ckpt, got, done = (Path(a) for a in sys.argv[1:])
 with claim_checkpoint_dir(ckpt) as directory:

@@ -15,7 +15,7 @@ import torch
 
 from flows.placement import WorkerLost, run_stage
 from flows.retries import is_transient
-from tasks.training import load_causal_lm
+from tasks.model_io import load_causal_lm
 from tests.conftest import tiny_raw_config
 from tunegate.artifact_store import COMPLETE, ArtifactStore, ArtifactStoreError
 from tunegate.artifacts import BASE_REF, ModelArtifact, base_of, sha256_dir

@@ -18,9 +18,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.deploy import _Service, mlflow_server
-from flows.locks import promotion_lock
-from tasks.promotion_lock import BEAT, HOLDER, RELEASED, LockHeld, registry_lock
+from flows.stack import Service, mlflow_server
+from tasks.promotion_lock import BEAT, HOLDER, RELEASED, LockHeld, promotion_lock, registry_lock
 from tasks.registry import register_candidate
 from tests.test_registry import PROMPT, TAGS, _verdict
 from tunegate.artifacts import ModelArtifact
@@ -38,7 +37,7 @@ def server_url(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd, env = mlflow_server(home, port, os.environ)
-    service = _Service.start("mlflow-server", cmd, env, home, home)
+    service = Service.start("mlflow-server", cmd, env, home, home)
     try:
         service.wait_healthy(f"http://127.0.0.1:{port}/health", time.monotonic() + 120)
         yield f"http://127.0.0.1:{port}"
@@ -64,7 +63,7 @@ import contextlib, json, sys, time
 from pathlib import Path
 import mlflow
 import tasks.registry
-from flows.locks import promotion_lock
+from tasks.promotion_lock import promotion_lock
 from tunegate.artifacts import GateVerdict, ModelArtifact
 from tunegate.config import RegistrySection
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from tasks.model_card import DESCRIPTION_LIMIT, description, model_card
+from tasks.model_io import load_causal_lm
 from tasks.registry import register_candidate
 from tasks.sft import train_sft
-from tasks.training import BASE_REF, load_causal_lm
-from tunegate.artifacts import GateResult, GateVerdict, ModelArtifact
+from tunegate.artifacts import BASE_REF, GateResult, GateVerdict, ModelArtifact
 from tunegate.config import RegistrySection, SftSection
 from tunegate.errors import ConfigError, PromotionError
 

@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.guards import check_data_roots
 from flows.pipeline import pipeline
 from tasks.base_model import prepare_base_model
-from tasks.training import load_causal_lm
+from tasks.model_io import load_causal_lm
 from tests.conftest import tiny_raw_config
 from tunegate.config import load_config, parse_config
 from tunegate.errors import ConfigError

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from tasks.align import align_policy, check_guard
 from tasks.launch import launch, launch_command
 from tasks.launch import main as launch_main
+from tasks.model_io import load_causal_lm
 from tasks.reward import check_reward_model, length_bias
 from tasks.sft import train_sft
-from tasks.training import BASE_REF, load_causal_lm
+from tunegate.artifacts import BASE_REF
 from tunegate.config import AlignSection, RewardSection, SftSection
 from tunegate.errors import ConfigError, StageGateFailed
 
@@ -311,7 +312,7 @@ def test_a_corrupted_checkpoint_is_set_aside_and_the_stage_resumes_from_the_one_
     data[-8:] = bytes(8)  # a flipped tail: the file still parses, only its checksum tells
     weights.write_bytes(bytes(data))
 
-    caplog.set_level("WARNING", logger="tasks.training")
+    caplog.set_level("WARNING", logger="tasks.checkpoints")
     resumed = train_sft(cfg, dataset, base, out_dir=tmp_path / "again", seed=1, checkpoint_dir=ckpt)
     assert resumed.steps == 4 and resumed.metrics["resumed_from_step"] == 2
     assert "checkpoint-4 is corrupted (adapter_model.safetensors does not match its checksum)" in caplog.text
@@ -319,14 +320,14 @@ def test_a_corrupted_checkpoint_is_set_aside_and_the_stage_resumes_from_the_one_
 
 
 def test_every_checkpoint_corrupted_starts_the_stage_fresh_and_says_so(stage_inputs, tmp_path, caplog):
-    from tasks.training import CHECKSUMS, last_checkpoint
+    from tasks.checkpoints import CHECKSUMS, last_checkpoint
 
     ckpt = tmp_path / "ckpt" / "checkpoint-2"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"global_step": 2')  # cut short mid-write
     (ckpt / "model.safetensors").write_bytes(b"x")
     (ckpt / CHECKSUMS).write_text("{}")
-    caplog.set_level("WARNING", logger="tasks.training")
+    caplog.set_level("WARNING", logger="tasks.checkpoints")
     assert last_checkpoint(tmp_path / "ckpt") is None
     assert "unreadable state" in caplog.text and "starting the stage fresh" in caplog.text
     assert (tmp_path / "ckpt" / "checkpoint-2.corrupt").is_dir()  # kept for a look, out of the way
