@@ -109,7 +109,8 @@ PRODUCE: tuple[Stage, ...] = (
         "tasks.align:align_policy",
         "aligned",
         ("align", "@dataset", "@sft", "@reward"),
-        _TRAINING,
+        # The prompts' checks reward what evaluation scores, with evaluation's brand and refusal settings.
+        {**_TRAINING, **{k: f"evaluate.{k}" for k in ("brand_prefix", "brand_suffix", "refusal_markers")}},
         trains=True,
         when=lambda c: c.uses_alignment,
     ),

@@ -1,7 +1,10 @@
 """Stage 5: alignment of the SFT policy.
 
 - `grpo` / `rloo`: online RL with TRL's GRPOTrainer or RLOOTrainer, scored by the trained reward model
-  plus optional rule rewards (plain functions named by dotted import path, TRL's reward signature).
+  plus optional rule rewards (plain functions named by dotted import path, TRL's reward signature),
+  plus a verifiable reward when RL prompts carry checks as eval rows do: the fraction of its row's
+  checks a completion passes, scored by evaluation's own code (`tasks.scoring.check_reward`), weighted
+  by `align.check_reward_weight` through TRL's `reward_weights`, logged as `rewards/row_checks/mean`.
 - `dpo`: TRL's DPOTrainer, offline on the preference pairs; no reward model.
 
 With adapters, the frozen SFT weights (adapter off) are the KL reference, so no second copy is held.
@@ -17,10 +20,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from data_checks.formats import CHECKS
 from tasks.checkpoints import finish_checkpoints, train_resumable
 from tasks.evaluate import completion_loss, generate_answers
 from tasks.model_io import load_causal_lm, save_policy
 from tasks.reward import load_reward_model, score_conversations
+from tasks.scoring import check_reward
 from tasks.telemetry import training_telemetry
 from tasks.trainer_args import trainer_config
 from tasks.training import (
@@ -47,8 +52,16 @@ def align_policy(
     out_dir: Path,
     seed: int,
     checkpoint_dir: Path | None = None,
+    brand_prefix: str | None = None,
+    brand_suffix: str | None = None,
+    refusal_markers: list[str] | None = None,
 ) -> ModelArtifact:
-    """Align `policy` (GRPO/RLOO against `reward` plus rule rewards, or DPO on the pairs).
+    """Align `policy` (GRPO/RLOO against `reward`, rule rewards and the prompts' checks, or DPO on the
+    pairs).
+
+    Args:
+        brand_prefix, brand_suffix, refusal_markers: evaluation's settings of the same names, so that
+            the prompts' checks reward exactly what evaluation scores.
 
     Raises:
         ConfigError: a rule reward cannot be imported; an online method without a reward model;
@@ -81,18 +94,20 @@ def align_policy(
     else:
         if reward is None:
             raise ConfigError([f"align.method={cfg.method} needs a trained reward model"])
-        rules = [_import_reward(p) for p in cfg.rule_rewards]
-        prompts = Dataset.from_parquet(data.splits["prompts"].path).select_columns(["prompt"])
+        # The check columns stay: TRL hands a dataset's other columns to every reward function.
+        prompts = Dataset.from_parquet(data.splits["prompts"].path)
         reward_model, reward_tokenizer = load_reward_model(
             reward.path, trust_remote_code=reward.trust_remote_code
         )
+        checks = check_reward(brand_prefix, brand_suffix, refusal_markers)
+        funcs, args.reward_weights = reward_functions(cfg, prompts, reward_model, args.reward_weights, checks)
         trainer = _online_trainer(cfg.method)(
             model=model,
-            reward_funcs=[reward_model, *rules],
+            reward_funcs=funcs,
             args=args,
             train_dataset=prompts,
             processing_class=tokenizer,
-            reward_processing_classes=[reward_tokenizer, *[None] * len(rules)],
+            reward_processing_classes=[reward_tokenizer, *[None] * (len(funcs) - 1)],
             peft_config=peft_config,
             callbacks=[finite_loss_guard(), telemetry],
         )
@@ -121,6 +136,53 @@ def align_policy(
         steps=trainer.state.global_step,
         trust_remote_code=policy.trust_remote_code,
     )
+
+
+def reward_functions(
+    cfg: AlignSection,
+    prompts,
+    reward_model,
+    trl_weights: list[float] | None,
+    checks: Callable[..., list[float | None]],
+) -> tuple[list, list[float] | None]:
+    """The online trainers' reward functions and TRL's `reward_weights` for them: the reward model, the
+    rule rewards, then `checks` when some prompt carries a check and `align.check_reward_weight` is
+    above 0.
+
+    Args:
+        prompts: the prompts split (a `datasets.Dataset`); check columns may be absent or all null.
+        trl_weights: `align.trl_args.reward_weights` if set, weighing the reward model and rule rewards
+            (one weight each: `AlignSection` checks it).
+        checks: the row-checks reward function (`tasks.scoring.check_reward`).
+
+    Returns:
+        The functions, and their weights (None: TRL weighs each 1).
+
+    Raises:
+        ConfigError: a rule reward cannot be imported.
+    """
+    funcs = [reward_model, *(_import_reward(p) for p in cfg.rule_rewards)]
+    checked = _checked_rows(prompts)
+    if not checked or cfg.check_reward_weight == 0:
+        if checked:
+            log.info("%d prompts carry checks; align.check_reward_weight=0 leaves them out", checked)
+        return funcs, trl_weights
+    log.info(
+        "verifiable reward: %d of %d prompts carry checks, weight %g",
+        checked,
+        len(prompts),
+        cfg.check_reward_weight,
+    )
+    weights = trl_weights if trl_weights is not None else [1.0] * len(funcs)
+    return [*funcs, checks], [*weights, cfg.check_reward_weight]
+
+
+def _checked_rows(prompts) -> int:
+    """Prompt rows that carry at least one check (a split built before prompts had checks has none)."""
+    present = [c for c in CHECKS if c in prompts.column_names]
+    if not present:
+        return 0
+    return sum(any(values) for values in zip(*(prompts[c] for c in present), strict=True))
 
 
 def reward_hacking_guard(
@@ -211,10 +273,16 @@ def _import_reward(dotted: str) -> Callable:
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:
-    """First and last logged reward, KL, completion length and entropy (DPO: reward margin)."""
+    """First and last logged reward, row-checks reward, KL, completion length and entropy (DPO:
+    reward margin)."""
     out: dict[str, float] = {}
-    for key, name in (("reward", "reward"), ("rewards/margins", "reward_margin")):
-        logged = [h for h in history if key in h]
+    for key, name in (
+        ("reward", "reward"),
+        ("rewards/row_checks/mean", "row_checks"),
+        ("rewards/margins", "reward_margin"),
+    ):
+        # TRL logs None for a step in which no prompt carried a check.
+        logged = [h for h in history if h.get(key) is not None]
         if logged:
             out[f"{name}_first"] = float(logged[0][key])
             out[f"{name}_last"] = float(logged[-1][key])

@@ -12,8 +12,10 @@ The eval data carries its own acceptance tests (see `data_checks/formats.py`): e
 - win_rate_vs_base, win_rate_vs_champion (candidate): prompts where the reward model prefers its answer
 - ms_per_token, size_mb:  greedy generation latency per token; the model's size on disk
 
-Every per-row metric gets a bootstrap confidence interval, and for each baseline the paired interval
-of the candidate's difference from it, so a gate can decide on the pessimistic end.
+Every per-row metric gets a confidence interval by the method its values call for (Wilson for yes/no
+metrics, BCa bootstrap for continuous ones; `tasks/intervals.py`), and for each baseline the paired
+interval of the candidate's difference from it (Newcombe's method 10 for yes/no metrics, a paired BCa
+bootstrap otherwise), each recorded with its method, so a gate can decide on the pessimistic end.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import math
 import time
 from pathlib import Path
 
+from tasks.intervals import metric_interval, paired_interval
 from tasks.model_io import load_causal_lm
 from tasks.reward import load_reward_model, score_conversations
-from tasks.scoring import REFUSAL_MARKERS, bootstrap_interval, brand_ok, row_checks, wins
+from tasks.scoring import REFUSAL_MARKERS, brand_ok, row_checks, wins
 from tasks.training import on_cuda
 from tunegate.artifacts import EvalReport, InstructionDataset, ModelArtifact
 from tunegate.config import EvaluateSection
@@ -107,7 +110,7 @@ def evaluate_models(
                 per_row["candidate"][f"win_rate_vs_{other}"] = wins(
                     per_row["candidate"]["reward_score"], per_row[other]["reward_score"]
                 )
-    scores, intervals, deltas = _summarise(cfg, per_row, weights, scalars, seed)
+    scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed)
     samples = out_dir / "samples.jsonl"
     _write_samples(samples, rows, answers, checks)
     per_row_path = out_dir / "per_row.json"
@@ -117,6 +120,8 @@ def evaluate_models(
         scores=scores,
         intervals=intervals,
         deltas=deltas,
+        methods=methods,
+        delta_methods=delta_methods,
         counts={label: {m: len(v) for m, v in metrics.items()} for label, metrics in per_row.items()},
         confidence=cfg.confidence,
         n_prompts=len(rows),
@@ -173,37 +178,40 @@ def _row_metrics(
 
 def _summarise(cfg: EvaluateSection, per_row, weights, scalars, seed: int):
     """Point values, each per-row metric's interval, and the candidate's paired interval against each
-    baseline on the metrics both have."""
+    baseline on the metrics both have; with the method of every interval (label or baseline -> metric
+    -> method)."""
     scores: dict[str, dict[str, float]] = {}
     intervals: dict[str, dict[str, list[float]]] = {}
+    methods: dict[str, dict[str, str]] = {}
     how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
     for label, metrics in per_row.items():
-        scores[label], intervals[label] = dict(scalars[label]), {}
+        scores[label], intervals[label], methods[label] = dict(scalars[label]), {}, {}
         for metric, values in metrics.items():
             w = weights[label].get(metric)
             scores[label][metric] = _weighted_mean(values, w)
-            intervals[label][metric] = list(bootstrap_interval(values, w, **how))
+            low, high, methods[label][metric] = metric_interval(values, w, **how)
+            intervals[label][metric] = [low, high]
         if "eval_loss" in scores[label]:  # perplexity is monotone in the loss: its interval maps through
             scores[label]["perplexity"] = math.exp(scores[label]["eval_loss"])
             intervals[label]["perplexity"] = [math.exp(x) for x in intervals[label]["eval_loss"]]
+            methods[label]["perplexity"] = f"{methods[label]['eval_loss']} (exp of eval_loss)"
     deltas: dict[str, dict[str, list[float]]] = {}
+    delta_methods: dict[str, dict[str, str]] = {}
     cand = per_row.get("candidate")
     for other in ("base", "champion"):
         if cand is None or other not in per_row:
             continue
-        deltas[other] = {
-            metric: list(
-                bootstrap_interval(
-                    cand[metric],
-                    weights["candidate"].get(metric),
-                    baseline=per_row[other][metric],
-                    baseline_weights=weights[other].get(metric),
-                    **how,
-                )
+        deltas[other], delta_methods[other] = {}, {}
+        for metric in sorted(cand.keys() & per_row[other].keys()):
+            low, high, delta_methods[other][metric] = paired_interval(
+                cand[metric],
+                per_row[other][metric],
+                weights["candidate"].get(metric),
+                weights[other].get(metric),
+                **how,
             )
-            for metric in sorted(cand.keys() & per_row[other].keys())
-        }
-    return scores, intervals, deltas
+            deltas[other][metric] = [low, high]
+    return scores, intervals, deltas, methods, delta_methods
 
 
 def _weighted_mean(values: list[float], w: list[float] | None) -> float:

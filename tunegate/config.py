@@ -328,9 +328,9 @@ class AlignSection(PolicyTrainSection):
         "grpo",
         description=(
             "The stages a run uses after SFT. grpo / rloo: a reward model, then online RL scored by it "
-            "(plus rule rewards); needs preference pairs and RL prompts. dpo: offline on the preference "
-            "pairs, no reward model. none: SFT only (conversations and an eval set are all it needs); "
-            "the SFT model is the candidate."
+            "(plus rule rewards and the prompts' own checks); needs preference pairs and RL prompts. "
+            "dpo: offline on the preference pairs, no reward model. none: SFT only (conversations and "
+            "an eval set are all it needs); the SFT model is the candidate."
         ),
     )
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate.")
@@ -343,10 +343,36 @@ class AlignSection(PolicyTrainSection):
         default_factory=list,
         description="Extra reward functions by dotted import path (TRL reward-function signature).",
     )
+    check_reward_weight: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Weight of the verifiable reward (grpo, rloo): RL prompts that carry checks as eval rows do "
+            "(`expected_any`, `exact`, `regex`, `json_schema`, `refuse`) earn the fraction of their "
+            "checks a completion passes, scored as evaluation scores them, added to the reward model's "
+            "score with this weight (the reward model and rule rewards weigh 1, or as "
+            "`align.trl_args.reward_weights` gives). 0: off. Prompts without checks are scored by the "
+            "reward model and rule rewards alone."
+        ),
+    )
     guard: GuardSection = Field(
         default_factory=GuardSection,
         description="Reward-hacking guard: reward up while held-out quality or length degrades fails the stage.",
     )
+
+    @model_validator(mode="after")
+    def _reward_weights_fit(self) -> AlignSection:
+        # TRL would refuse a mismatch only when align starts, after SFT and the reward model trained.
+        weights = self.trl_args.get("reward_weights")
+        if self.method in ("grpo", "rloo") and isinstance(weights, list):
+            if len(weights) != 1 + len(self.rule_rewards):
+                raise ValueError(
+                    f"align.trl_args.reward_weights has {len(weights)} weights; give "
+                    f"{1 + len(self.rule_rewards)}: one for the reward model, then one per "
+                    f"align.rule_rewards entry ({len(self.rule_rewards)}). The prompts' checks are "
+                    "weighed by align.check_reward_weight."
+                )
+        return self
 
 
 class EvaluateSection(Section):
@@ -369,9 +395,20 @@ class EvaluateSection(Section):
             "unset: tunegate's English list (tasks/scoring.py)."
         ),
     )
-    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the bootstrap intervals.")
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description=(
+            "Confidence level of every interval: Wilson for yes/no metrics, Newcombe's paired method for "
+            "their differences from a baseline, BCa bootstrap for continuous ones (tasks/intervals.py)."
+        ),
+    )
     bootstrap_resamples: int = Field(
-        2000, ge=100, le=100_000, description="Bootstrap resamples per interval."
+        2000,
+        ge=100,
+        le=100_000,
+        description="Resamples per BCa bootstrap interval (continuous metrics: eval_loss, reward_score).",
     )
 
 
@@ -407,9 +444,20 @@ class GateSpec(Section):
     confidence_bound: bool = Field(
         False,
         description=(
-            "Decide on the pessimistic end of the bootstrap interval instead of the point value: its "
-            "lower bound must clear a `>=` gate, its upper bound a `<=` one (with a baseline, the "
-            "interval of the paired difference). Final-stage metrics measured per row only."
+            "Decide on the pessimistic end of the metric's confidence interval (`evaluate.confidence`; "
+            "Wilson, Newcombe paired or BCa bootstrap by metric) instead of the point value: its lower "
+            "bound must clear a `>=` gate, its upper bound a `<=` one (with a baseline, the interval of "
+            "the paired difference). Final-stage metrics measured per row only."
+        ),
+    )
+    min_effect: float = Field(
+        0.02,
+        gt=0,
+        description=(
+            "Power warning (final gates with an interval): the smallest distance between the value and "
+            "the required value worth resolving, in the metric's units. When the interval contains the "
+            "required value, the verdict warns with the rows it would take to tell them apart at "
+            "max(|value - required|, min_effect); never a failure."
         ),
     )
 
