@@ -284,10 +284,15 @@ def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
 
 
 def test_only_transient_failures_are_retried():
+    import errno
+    import sqlite3
+
     from flows.retries import is_transient as _is_transient
 
-    assert _is_transient(OSError("Connection refused by 127.0.0.1:5000"))
-    assert _is_transient(RuntimeError("sqlite3.OperationalError: database is locked"))
+    # by type and fields (tests/test_retries.py has the rest): wording alone decides nothing
+    assert _is_transient(OSError(errno.ECONNREFUSED, "Connection refused by 127.0.0.1:5000"))
+    assert _is_transient(sqlite3.OperationalError("database is locked"))
+    assert not _is_transient(RuntimeError("sqlite3.OperationalError: database is locked"))
     assert not _is_transient(ValueError("sft.jsonl:7: role 'robot' is not one of the allowed roles"))
 
 
