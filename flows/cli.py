@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+# A fresh Prefect home creates its database at the first start of the temporary API server; on a busy
+# machine that took 28 s, past Prefect's 20 s, and the run died before it began. A value the user set
+# (environment, profile) wins.
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+PREFECT_COMMANDS = ("run", "rollback", "deploy", "up")
+# Prefect raises a bare RuntimeError with this message when its temporary server does not come up.
+EPHEMERAL_TIMED_OUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,31 +89,155 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. registry.tracking_uri=http://...")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    console = logging.StreamHandler()
+    console.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[console])
     for name in ("tunegate", "tasks", "flows", "data_checks"):
         logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tunegate.errors import ConfigError
+    return guarded(lambda: _dispatch(args), prefect=args.command in PREFECT_COMMANDS)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "rollback":
+        return _rollback(args)
+    if args.command == "lineage":
+        return _lineage(args)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "deploy":
+        return _deploy(args)
+    return _show(args)
+
+
+def guarded(command: Callable[[], int], *, prefect: bool = True) -> int:
+    """Run one command as the CLI runs each: with room for Prefect's temporary API server to start
+    (`prefect`), and the errors a person can act on reported on stderr instead of as a traceback.
+
+    Returns:
+        the command's exit code; 2 for a configuration error; 1 for another error tunegate raised on
+        purpose, or a store that did not answer or start (one line saying what to do).
+
+    Raises:
+        any other exception the command raised (a bug: its traceback is what helps).
+    """
+    from tunegate.errors import ConfigError, TunegateError
 
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "rollback":
-            return _rollback(args)
-        if args.command == "lineage":
-            return _lineage(args)
-        if args.command == "up":
-            return _up(args)
-        if args.command == "deploy":
-            return _deploy(args)
-        return _show(args)
+        with prefect_startup_room() if prefect else contextlib.nullcontext():
+            return command()
     except ConfigError as exc:
         print(f"tunegate: {exc}", file=sys.stderr)
         return 2
+    except TunegateError as exc:
+        print(f"tunegate: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if (line := store_failure(exc)) is None:
+            raise
+        print(f"tunegate: {line}", file=sys.stderr)
+        return 1
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The terminal's log format. A failure that `guarded` reports on the last line (an error tunegate
+    raised on purpose, a store out of reach) is logged there without its traceback: Prefect's run
+    loggers would print one per failed task and flow. The Prefect UI keeps the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _reported_on_last_line(exc):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
+def _reported_on_last_line(exc: BaseException) -> bool:
+    from tunegate.errors import TunegateError
+
+    return isinstance(exc, TunegateError) or store_failure(exc) is not None
+
+
+def prefect_startup_room() -> contextlib.AbstractContextManager:
+    """Prefect settings in which the temporary API server has EPHEMERAL_STARTUP_TIMEOUT_S to start,
+    unless the user set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (environment or profile)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    return temporary_settings(
+        set_defaults={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S}
+    )
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """One line saying which store did not answer and what to do, or None when `exc` is no such
+    failure: Prefect's temporary API server not starting, a Prefect API not answering, the MLflow
+    tracking server out of reach or its database locked."""
+    from flows.retries import causes, is_transient
+
+    chain = list(causes(exc))
+    for link in chain:
+        if isinstance(link, RuntimeError) and str(link).startswith(EPHEMERAL_TIMED_OUT):
+            return _ephemeral_did_not_start(str(link))
+    if not is_transient(exc):
+        return None
+    detail = _detail(chain[-1])
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and any(isinstance(e, httpx.HTTPError) for e in chain):  # Prefect's client
+        from prefect.settings import PREFECT_API_URL
+
+        if url := PREFECT_API_URL.value():
+            return (
+                f"the Prefect API at {url} did not answer ({detail}); start it (`tunegate up`, or "
+                "`prefect server start`) and rerun, or unset PREFECT_API_URL to run on a temporary local API"
+            )
+        return f"Prefect's temporary API server stopped answering ({detail}); rerun"
+    sqlite3 = sys.modules.get("sqlite3")
+    if sqlite3 is not None and any(isinstance(e, sqlite3.OperationalError) for e in chain):
+        return (
+            f"the MLflow store is locked by another process ({detail}); rerun when that process has finished"
+        )
+    where = next((f" at {url}" for e in chain if (url := _request_origin(e))), "")
+    return f"the MLflow tracking server{where} did not answer ({detail}); start it (`tunegate up`) and rerun"
+
+
+def _request_origin(exc: BaseException) -> str | None:
+    """scheme://host:port of the request a requests exception failed on (MLflow's client uses requests)."""
+    from urllib.parse import urlsplit
+
+    url = getattr(getattr(exc, "request", None), "url", None)
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _ephemeral_did_not_start(message: str) -> str:
+    import re
+
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    with prefect_startup_room():
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    exited = re.search(r"exited with code (-?\d+)", message)
+    if exited:
+        return (
+            f"Prefect's temporary API server exited at start (code {exited.group(1)}; its database is "
+            f"under {PREFECT_HOME.value()}); run `prefect server start` to see why, or start a server "
+            "(`tunegate up`) and set PREFECT_API_URL"
+        )
+    return (
+        f"Prefect's temporary API server did not start within {timeout} s (a first start creates its "
+        f"database under {PREFECT_HOME.value()}); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+        "higher and rerun, or start a server once (`tunegate up`) and set PREFECT_API_URL"
+    )
+
+
+def _detail(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _rollback(args) -> int:
@@ -183,9 +317,13 @@ def _deploy(args) -> int:
 def _show(args) -> int:
     import yaml
 
+    from tasks.trainer_args import check_trainer_args
     from tunegate.config import load_config
+    from tunegate.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
+    if problems := check_trainer_args(cfg):  # what the run would refuse first thing
+        raise ConfigError(problems, args.config)
     print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     return 0
 
@@ -197,7 +335,8 @@ def _validate(args) -> int:
 
     cfg = load_config(args.config)
     kind = "preferences" if args.kind == "preference" else args.kind
-    tokenizer = load_tokenizer(prepare_base_model(cfg.model).path)
+    base = prepare_base_model(cfg.model)
+    tokenizer = load_tokenizer(base.path, trust_remote_code=base.trust_remote_code)
     checked = check_kind(
         cfg.validate_,
         kind,
@@ -252,6 +391,11 @@ def summary(result: dict) -> str:
     else:
         where = f" (version {reg['version']} registered without alias)" if reg.get("version") else ""
         lines.append(f"NOT PROMOTED{where}: {reg['reason']}")
+    if result.get("telemetry"):  # per training stage: flows/progress.py stage_telemetry
+        from flows.progress import telemetry_table
+
+        lines += ["", "Training (a stage from the cache shows the run that trained it):"]
+        lines += [f"  {row}" for row in telemetry_table(result["telemetry"])]
     tracking = result["tracking_uri"]
     lines += [
         "",
