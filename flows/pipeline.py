@@ -288,6 +288,8 @@ AFTER = {"base-model": _after_base, "validate": _after_validate, "build": _after
 def _models(config: PipelineConfig, ctx: dict[str, Any], champion, run_dir: Path) -> dict[str, ModelArtifact]:
     """The models evaluation scores side by side on the same rows."""
     models = {"base": ctx["base"], "candidate": ctx["candidate"]}
+    if ctx["candidate"] is not ctx["sft"]:  # what alignment added is judged against the SFT model
+        models = {"base": ctx["base"], "sft": ctx["sft"], "candidate": ctx["candidate"]}
     if champion is not None:
         reg = config.registry
         path = fetch_champion(reg, champion, run_dir / "champion")

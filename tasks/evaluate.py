@@ -111,6 +111,8 @@ def evaluate_models(
                     per_row["candidate"]["reward_score"], per_row[other]["reward_score"]
                 )
     scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed)
+    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
+    gains, gain_methods = stage_gains(per_row, weights, scores, how)
     samples = out_dir / "samples.jsonl"
     _write_samples(samples, rows, answers, checks)
     per_row_path = out_dir / "per_row.json"
@@ -122,6 +124,8 @@ def evaluate_models(
         deltas=deltas,
         methods=methods,
         delta_methods=delta_methods,
+        gains=gains,
+        gain_methods=gain_methods,
         counts={label: {m: len(v) for m, v in metrics.items()} for label, metrics in per_row.items()},
         confidence=cfg.confidence,
         n_prompts=len(rows),
@@ -197,21 +201,38 @@ def _summarise(cfg: EvaluateSection, per_row, weights, scalars, seed: int):
             methods[label]["perplexity"] = f"{methods[label]['eval_loss']} (exp of eval_loss)"
     deltas: dict[str, dict[str, list[float]]] = {}
     delta_methods: dict[str, dict[str, str]] = {}
-    cand = per_row.get("candidate")
-    for other in ("base", "champion"):
-        if cand is None or other not in per_row:
-            continue
-        deltas[other], delta_methods[other] = {}, {}
-        for metric in sorted(cand.keys() & per_row[other].keys()):
-            low, high, delta_methods[other][metric] = paired_interval(
-                cand[metric],
-                per_row[other][metric],
-                weights["candidate"].get(metric),
-                weights[other].get(metric),
-                **how,
-            )
-            deltas[other][metric] = [low, high]
+    for other in ("base", "sft", "champion"):
+        if "candidate" in per_row and other in per_row:
+            deltas[other], delta_methods[other] = _paired(per_row, weights, "candidate", other, how)
     return scores, intervals, deltas, methods, delta_methods
+
+
+def stage_gains(per_row, weights, scores, how) -> tuple[dict, dict]:
+    """What each stage added, paired on the same rows: SFT over the base model, alignment over SFT.
+    Stage -> metric -> [difference, low, high], and stage -> metric -> interval method."""
+    gains: dict[str, dict[str, list[float]]] = {}
+    methods: dict[str, dict[str, str]] = {}
+    for stage, after, before in (("sft", "sft", "base"), ("alignment", "candidate", "sft")):
+        if after in per_row and before in per_row:
+            bounds, methods[stage] = _paired(per_row, weights, after, before, how)
+            gains[stage] = {m: [scores[after][m] - scores[before][m], *lo_hi] for m, lo_hi in bounds.items()}
+    return gains, methods
+
+
+def _paired(per_row, weights, label: str, other: str, how) -> tuple[dict, dict]:
+    """`label` minus `other` on the metrics both have: metric -> [low, high], metric -> method."""
+    bounds: dict[str, list[float]] = {}
+    methods: dict[str, str] = {}
+    for metric in sorted(per_row[label].keys() & per_row[other].keys()):
+        low, high, methods[metric] = paired_interval(
+            per_row[label][metric],
+            per_row[other][metric],
+            weights[label].get(metric),
+            weights[other].get(metric),
+            **how,
+        )
+        bounds[metric] = [low, high]
+    return bounds, methods
 
 
 def _weighted_mean(values: list[float], w: list[float] | None) -> float:

@@ -237,6 +237,7 @@ def gate_table(
         ]
         how = sorted({report.methods[lab][m] for lab in labels if m in report.methods.get(lab, {})})
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {', '.join(how) or '-'} |")
+    lines += attribution(report)
     for other, diffs in report.deltas.items():
         if not diffs:
             continue
@@ -253,6 +254,56 @@ def gate_table(
             method = report.delta_methods.get(other, {}).get(m, "-")
             lines.append(f"| {m} | {_with_interval(point, [low, high])} | {method} |")
     return "\n".join(lines)
+
+
+# Per-row metrics where a smaller value is better; every other per-row metric is better larger.
+LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity"})
+
+
+def attribution(report: EvalReport) -> list[str]:
+    """Markdown lines: what SFT added over the base model and alignment over SFT, each a paired
+    difference with its interval, and a plain sentence on whether alignment earned its place."""
+    if not report.gains:
+        return []
+    stages = list(report.gains)
+    names = {"sft": "SFT − base", "alignment": "aligned − SFT"}
+    lines = [
+        "",
+        f"What each stage added, paired on the same rows ({report.confidence:.0%} intervals):",
+        "",
+        "| metric | " + " | ".join(names.get(s, s) for s in stages) + " |",
+        "|---|" + "---:|" * len(stages),
+    ]
+    for m in sorted({m for g in report.gains.values() for m in g}):
+        cells = [_with_interval(g[m][0], g[m][1:]) if m in g else "-" for g in report.gains.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "alignment" in report.gains:
+        better, worse = _significant(report.gains["alignment"])
+        if better:
+            lines += ["", f"Alignment improved on the SFT model: {', '.join(better)}."]
+        else:
+            lines += [
+                "",
+                "**Alignment added nothing measurable over the SFT model**: no metric's paired interval lies "
+                "on the better side of zero. The gates decide what ships; a `baseline: sft` gate refuses "
+                "an aligned model that adds nothing (to ship the SFT model, run with `align.method: none`).",
+            ]
+        if worse:
+            lines.append(f"Alignment made these worse than the SFT model: {', '.join(worse)}.")
+    return lines
+
+
+def _significant(gains: dict[str, list[float]]) -> tuple[list[str], list[str]]:
+    """Metrics whose paired interval lies wholly on the better (or the worse) side of zero."""
+    better, worse = [], []
+    for m, (point, low, high) in sorted(gains.items()):
+        sign = -1 if m in LOWER_IS_BETTER else 1
+        text = f"{m} {point:+.3g} [{low:+.3g}, {high:+.3g}]"
+        if (low > 0 and sign > 0) or (high < 0 and sign < 0):
+            better.append(text)
+        elif (high < 0 and sign > 0) or (low > 0 and sign < 0):
+            worse.append(text)
+    return better, worse
 
 
 def verdict_chart(verdict: GateVerdict, path: Path) -> Path:

@@ -79,6 +79,10 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert {"gates.md", "gates.json", "gates.png", "config", "data", "validation", "evaluation"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert evaluation == {"evaluation/samples.jsonl", "evaluation/per_row.json"}
+    report = result["report"]
+    assert set(report["scores"]) == {"base", "sft", "candidate"}  # every stage's model on the same rows
+    assert set(report["gains"]) == {"sft", "alignment"} and "eval_loss" in report["gains"]["sft"]
+    assert "What each stage added" in result["verdict"]["markdown"]
     scores = result["report"]["scores"]["candidate"]
     assert (
         0 <= scores["win_rate_vs_base"] <= 1
@@ -100,7 +104,7 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     # takes over.
     raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
     again = pipeline(parse_config({**raw, "run": {**raw["run"], "seed": 7}}))
-    assert "champion" in again["report"]["scores"]
+    assert set(again["report"]["scores"]) == {"base", "sft", "candidate", "champion"}
     assert again["registration"]["version"] == "2"
     assert str(client.get_model_version_by_alias("tiny-assistant", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("tiny-assistant", "previous").version) == "1"

@@ -232,3 +232,70 @@ def test_verdict_chart_is_a_png(tmp_path):
     path = verdict_chart(apply_gates(gates, report), tmp_path / "gates.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _attribution_report(aligned_hits: list[int]) -> EvalReport:
+    """Three models on the same 40 rows: base never right, SFT right on 20, the aligned candidate as given."""
+    from tasks.evaluate import _summarise, stage_gains
+
+    n = 40
+    per_row = {
+        "base": {"fact_accuracy": [0.0] * n},
+        "sft": {"fact_accuracy": [1.0] * 20 + [0.0] * 20},
+        "candidate": {"fact_accuracy": [float(x) for x in aligned_hits]},
+    }
+    weights = {label: {} for label in per_row}
+    scalars = {label: {} for label in per_row}
+    from tunegate.config import EvaluateSection
+
+    cfg = EvaluateSection()
+    scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed=1)
+    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": 1}
+    gains, gain_methods = stage_gains(per_row, weights, scores, how)
+    return EvalReport(
+        scores=scores,
+        intervals=intervals,
+        deltas=deltas,
+        methods=methods,
+        delta_methods=delta_methods,
+        gains=gains,
+        gain_methods=gain_methods,
+        counts={label: {"fact_accuracy": n} for label in per_row},
+        n_prompts=n,
+        samples_path="-",
+    )
+
+
+SFT_GATE = GateSpec(metric="fact_accuracy", op=">=", baseline="sft", min_delta=0.0, confidence_bound=True)
+
+
+def test_alignment_that_adds_nothing_is_said_plainly_and_a_baseline_sft_gate_refuses_it():
+    same = _attribution_report([1] * 20 + [0] * 20)  # the aligned model answers exactly as SFT does
+    verdict = apply_gates([SFT_GATE], same)
+    assert not verdict.passed
+    (row,) = verdict.results
+    assert row.reference == "sft" and row.reference_value == 0.5 and row.method == "newcombe-paired"
+    assert row.decided_on < 0.5  # the pessimistic end of a non-zero-width paired interval
+    assert "**Alignment added nothing measurable over the SFT model**" in verdict.markdown
+    assert "| fact_accuracy | 0.5 [" in verdict.markdown  # SFT over base: +0.5 with its interval
+    assert same.gains["sft"]["fact_accuracy"][0] == 0.5 and same.gains["alignment"]["fact_accuracy"][0] == 0.0
+
+
+def test_alignment_that_earns_its_place_passes_a_baseline_sft_gate():
+    better = _attribution_report([1] * 36 + [0] * 4)  # right on every row SFT was, and 16 more
+    verdict = apply_gates([SFT_GATE], better)
+    assert verdict.passed
+    (row,) = verdict.results
+    assert row.value == 0.9 and row.decided_on > 0.5
+    assert "Alignment improved on the SFT model: fact_accuracy +0.4 [" in verdict.markdown
+    low = better.gains["alignment"]["fact_accuracy"][1]
+    assert row.decided_on == pytest.approx(0.5 + low)
+
+
+def test_a_baseline_sft_gate_without_alignment_is_a_config_error():
+    from tunegate.config import PipelineConfig
+
+    with pytest.raises(ValidationError, match="with align.method=none the candidate is the SFT model"):
+        PipelineConfig.model_validate(
+            {"align": {"method": "none"}, "gates": [SFT_GATE.model_dump()], "data": {"preferences": None}}
+        )

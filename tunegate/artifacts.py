@@ -85,6 +85,16 @@ class EvalReport(Artifact):
             "baseline label -> metric -> how `deltas` was computed: `newcombe-paired`, `paired-bca-bootstrap`"
         ),
     )
+    gains: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description=(
+            "what each stage added, paired on the same rows: `sft` (SFT model minus base) and `alignment` "
+            "(candidate minus SFT model) -> metric -> [difference, low, high]"
+        ),
+    )
+    gain_methods: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="stage -> metric -> how the interval in `gains` was computed"
+    )
     counts: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="model label -> metric -> rows it was measured on"
     )

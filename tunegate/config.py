@@ -425,8 +425,12 @@ class GateSpec(Section):
     )
     op: Literal[">=", "<="] = Field(">=", description="How the candidate must compare.")
     threshold: float | None = Field(None, description="Absolute threshold.")
-    baseline: Literal["base", "champion"] | None = Field(
-        None, description="Compare against this model's value instead of an absolute threshold."
+    baseline: Literal["base", "sft", "champion"] | None = Field(
+        None,
+        description=(
+            "Compare against this model's value instead of an absolute threshold: the base model, the SFT "
+            "model (what alignment must add), or the current champion."
+        ),
     )
     min_delta: float = Field(
         0.0,
@@ -583,6 +587,13 @@ class PipelineConfig(Section):
                     f"align.rule_rewards: rule rewards score online RL; align.method={method} has none "
                     "(use grpo or rloo)"
                 )
+        if not self.uses_alignment:
+            problems += [
+                f"gates: {g.name!r} compares the candidate with the SFT model, and with align.method=none "
+                "the candidate is the SFT model (drop the gate, or choose an alignment method)"
+                for g in self.gates
+                if g.baseline == "sft"
+            ]
         problems += [
             f"data.{kind}: align.method={self.align.method} needs it (set a file, directory or glob)"
             for kind in self.data_kinds
