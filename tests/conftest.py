@@ -118,9 +118,12 @@ def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
             "brand_prefix": demo_data.GREETING,
             "brand_suffix": demo_data.SIGNOFF,
         },
+        # Gates a broken evaluator fails: two SFT steps lower the held-out loss of every row a little
+        # (6.423 -> 6.419 nats, paired interval about [-0.0037, -0.0030]); scoring the base model twice,
+        # or the wrong rows, gives no paired improvement and fails the first gate.
         "gates": [
-            {"metric": "eval_loss", "op": "<=", "baseline": "base", "min_delta": -10.0},
-            {"metric": "fact_accuracy", "op": ">=", "baseline": "champion", "min_delta": -1.0},
+            {"metric": "eval_loss", "op": "<=", "baseline": "base", "min_delta": 0.001, "confidence_bound": True},
+            {"metric": "eval_loss", "op": "<=", "baseline": "champion", "min_delta": -0.01},
         ],
         "registry": {
             "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
