@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 RUN_ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	DO_NOT_TRACK=1 MLFLOW_ENABLE_TELEMETRY=false
 
-.PHONY: install demo test lint data clean
+.PHONY: install demo test test-fast chromium lint data clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -29,8 +29,21 @@ data: $(STAMP)
 demo: install data
 	$(RUN_ENV) $(VENV)/bin/tunegate run --config configs/demo.yaml
 
-test: install
+# The whole suite: real Prefect and MLflow servers, the browser test (Debian's chromium), fault drills.
+test: install chromium
 	$(RUN_ENV) $(PY) -m pytest
+
+# The inner loop: no servers, no browser, no real model; tiny local models only (under 3 minutes).
+test-fast: install
+	$(RUN_ENV) $(PY) -m pytest -m "not integration and not slow"
+
+# The browser test drives Debian's chromium through Playwright (no browser download of its own).
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -qq && apt-get install -y -qq chromium' \
+		|| { echo "make: could not install Debian's chromium (apt-get install chromium), which the browser test needs" >&2; exit 1; }; \
+		command -v chromium >/dev/null || { echo "make: apt-get installed chromium but it is not on PATH" >&2; exit 1; }; }
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
