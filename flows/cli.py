@@ -175,7 +175,8 @@ def store_failure(exc: BaseException) -> str | None:
     """One line saying which store did not answer and what to do, or None when `exc` is no such
     failure: Prefect's temporary API server not starting, a Prefect API not answering, the MLflow
     tracking server out of reach or its database locked."""
-    from flows.retries import causes, is_transient
+    from flows.retries import is_transient
+    from tunegate.out_of_memory import causes
 
     chain = list(causes(exc))
     for link in chain:

@@ -32,7 +32,7 @@ from flows.guards import check_data_roots, secrets_from_blocks
 from flows.lineage import log_lineage
 from flows.placement import check_deployment, placed
 from flows.progress import forward_stage_logs, stage_telemetry, watch
-from flows.retries import as_stage_error, is_transient, retry_transient
+from flows.retries import is_transient, retry_transient
 from flows.stages import (
     BY_NAME,
     JUDGE,
@@ -56,6 +56,7 @@ from tunegate.artifacts import (
 )
 from tunegate.config import PipelineConfig
 from tunegate.errors import ConfigError, DataValidationError, StageGateFailed, StoreUnavailable
+from tunegate.out_of_memory import as_stage_error
 from tunegate.provenance import code_version, git_commit, library_versions
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from tunegate import errors
 from tunegate.artifact_store import ArtifactStore
 from tunegate.artifacts import InstructionDataset, ModelArtifact
 from tunegate.config import RunSection
+from tunegate.out_of_memory import as_stage_error
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,13 @@ def train_stage(
     scratch = Path(os.environ.get("TUNEGATE_SCRATCH") or "runs/worker")
     try:
         model = run_stage(store, stage, spec, scratch, mlflow_run)
-    except errors.TunegateError as exc:  # the pipeline raises it again, as its own type
-        store.put_json(result, errors.to_outcome(exc))
-        raise
+    except Exception as exc:  # the pipeline raises a TunegateError again, as its own type
+        error = as_stage_error(exc, stage)  # out of memory comes back saying what to lower
+        if isinstance(error, errors.TunegateError):
+            store.put_json(result, errors.to_outcome(error))
+        if error is exc:
+            raise
+        raise error from exc
     store.put_json(result, {"artifact": model.model_dump(mode="json")})
     logger.info("%s: published %s", stage, model.path)
     return model.model_dump(mode="json")

@@ -1,52 +1,22 @@
 """Which stage failures Prefect retries, decided by an error's type and fields: a store or the network
 out of reach is retried; out of memory, bad data, a failed gate, a config or training error end the run
-at once. `as_stage_error` turns out of memory into an error that names the settings to lower."""
+at once. Out of memory is recognised, and explained, in `tunegate.out_of_memory`."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import sys
-from collections.abc import Iterator
 
-from tunegate.errors import OutOfMemory, TunegateError
+from tunegate.errors import TunegateError
+from tunegate.out_of_memory import causes, out_of_memory_link
 
 log = logging.getLogger(__name__)
-
-MAX_CAUSES = 20  # links followed along an exception's causes (a chain can loop)
 
 # 501 Not Implemented and 505 HTTP Version Not Supported say the request itself will never work.
 PERMANENT_5XX = frozenset({501, 505})
 NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTUNREACH, errno.EHOSTDOWN})
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6
-
-# What torch's allocators say when they fail outside `torch.OutOfMemoryError` (CPU, older or other
-# backends). Only a RuntimeError carrying one of these counts.
-TORCH_OOM_MESSAGES = (
-    "CUDA out of memory",
-    "CUDA error: out of memory",
-    "DefaultCPUAllocator: can't allocate memory",
-    "MPS backend out of memory",
-    "HIP out of memory",
-    "XPU out of memory",
-)
-
-_TRAINING = (
-    "{s}.per_device_train_batch_size (raise {s}.gradient_accumulation_steps to keep the effective batch)",
-    "{s}.max_length",
-    "{s}.trl_args.gradient_checkpointing: true",
-    "{s}.mode: lora instead of full or partial",
-)
-# stage name (as the flow names it) -> what lowers its memory use, by config field
-MEMORY_SETTINGS: dict[str, tuple[str, ...]] = {
-    "sft": tuple(f.format(s="sft") for f in _TRAINING),
-    "reward-model": tuple(f.format(s="reward") for f in _TRAINING),
-    "align": (
-        *(f.format(s="align") for f in _TRAINING),
-        "align.num_generations and align.max_completion_length (grpo, rloo)",
-    ),
-    "evaluate": ("evaluate.batch_size", "evaluate.max_new_tokens"),
-}
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -82,64 +52,12 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(link, TunegateError):
             break
         chain.append(link)
-    if any(_out_of_memory(link) for link in chain):
+    if any(out_of_memory_link(link) for link in chain):
         return False
     for link in chain:
         if (locked := _sqlite_locked(link)) is not None:
             return locked
     return any(_transient(link) for link in chain)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc`, or any of its causes, is out of memory: torch.OutOfMemoryError, MemoryError, or
-    a RuntimeError from one of torch's allocators."""
-    return any(_out_of_memory(link) for link in causes(exc))
-
-
-def as_stage_error(exc: BaseException, stage: str) -> BaseException:
-    """The error a failed stage should end the run with.
-
-    Args:
-        exc: what the stage raised.
-        stage: the stage's name in the flow (sft, reward-model, align, evaluate, ...).
-
-    Returns:
-        an `OutOfMemory` naming the settings of `stage` that lower its memory use, with `exc` as its
-        cause, when `exc` is out of memory (see `is_out_of_memory`); any other exception unchanged.
-        Raise what it returns: `raise as_stage_error(exc, name)`.
-    """
-    if isinstance(exc, OutOfMemory) or not is_out_of_memory(exc):
-        return exc
-    settings = list(MEMORY_SETTINGS.get(stage, ()))
-    lower = f"lower its memory use: {'; '.join(settings)}" if settings else "free memory on the machine"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    error = OutOfMemory(
-        f"{stage} ran out of memory ({type(exc).__name__}: {first}). To run it, {lower}. Not retried: the "
-        "same settings would run out of memory again",
-        stage=stage,
-        settings=settings,
-    )
-    error.__cause__ = exc
-    return error
-
-
-def causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, then what it was raised from or during (as a traceback shows them), at most MAX_CAUSES."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen and len(seen) < MAX_CAUSES:
-        seen.add(id(link))
-        yield link
-        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # not imported: no torch error can exist
-    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in TORCH_OOM_MESSAGES)
 
 
 def _sqlite_locked(exc: BaseException) -> bool | None:

@@ -28,6 +28,7 @@ from tasks.checkpoints import CLAIMED_CHECKPOINT_DIR, claim_checkpoint_dir
 from tunegate import errors
 from tunegate.artifacts import InstructionDataset, ModelArtifact
 from tunegate.config import AlignSection, RewardSection, SftSection
+from tunegate.out_of_memory import as_stage_error
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     result = Path(result_path)
     try:
         artifact = stage_function(spec["stage"])(*args, **kwargs)
-    except errors.TunegateError as exc:
+    except Exception as exc:
+        error = as_stage_error(exc, spec["stage"])  # out of memory comes back saying what to lower
+        if not isinstance(error, errors.TunegateError):
+            raise
         # every rank reports: the launcher may stop the main process as soon as another rank exits
-        outcome = errors.to_outcome(exc)
+        outcome = errors.to_outcome(error)
         _write_atomic(result if rank == 0 else result.with_name(f"{result.stem}.rank{rank}.json"), outcome)
         return 1
     if rank == 0:

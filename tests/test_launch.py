@@ -137,3 +137,24 @@ def test_a_run_in_process_trains_in_a_private_dir_while_another_holds_the_claim(
     trainer = _Trainer(other_run)
     _, resumed, used = train_resumable(trainer, other_run)
     assert used == tmp_path / f"ckpt-pid{os.getpid()}" and trainer.trained_in == str(used) and resumed == 0
+
+
+def test_a_rank_out_of_memory_comes_back_saying_what_to_lower(tmp_path, monkeypatch):
+    import torch
+
+    from tasks import launch as launch_module
+    from tunegate import errors
+    from tunegate.errors import OutOfMemory
+
+    def runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 502.00 MiB")
+
+    monkeypatch.setattr(launch_module, "stage_function", lambda stage: runs_out)
+    monkeypatch.setenv("RANK", "1")
+    spec = tmp_path / "launch.json"
+    spec.write_text(json.dumps({"stage": "sft", "args": [None, None, None], "kwargs": {}}))
+    result = tmp_path / "launch.result.json"
+    assert launch_module.main([str(spec), str(result)]) == 1
+    error = errors.from_outcome(json.loads((tmp_path / "launch.result.rank1.json").read_text()))
+    assert isinstance(error, OutOfMemory)
+    assert "sft.per_device_train_batch_size" in str(error) and "Not retried" in str(error)

@@ -20,7 +20,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.placement import WorkerLost
-from flows.retries import MAX_CAUSES, as_stage_error, causes, is_out_of_memory, is_transient, retry_transient
+from flows.retries import is_transient, retry_transient
 from tunegate.errors import (
     OutOfMemory,
     StoreUnavailable,
@@ -28,6 +28,7 @@ from tunegate.errors import (
     from_outcome,
     to_outcome,
 )
+from tunegate.out_of_memory import MAX_CAUSES, as_stage_error, causes, is_out_of_memory
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 502.00 MiB (GPU 0; 79.15 GiB total capacity)"
 
