@@ -128,6 +128,7 @@ def fresh_prefect_home(tmp_path_factory):
     return home, proc, time.monotonic() - start
 
 
+@pytest.mark.integration  # the CLI in a subprocess, starting Prefect
 def test_a_fresh_prefect_home_starts_with_room_to_create_its_database(fresh_prefect_home):
     _, proc, seconds = fresh_prefect_home
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -135,6 +136,7 @@ def test_a_fresh_prefect_home_starts_with_room_to_create_its_database(fresh_pref
     assert seconds < 120
 
 
+@pytest.mark.integration  # the CLI in a subprocess, starting Prefect
 def test_a_startup_timeout_the_user_set_wins():
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as startup
     from prefect.settings import temporary_settings
@@ -144,6 +146,7 @@ def test_a_startup_timeout_the_user_set_wins():
         assert startup.value() == 45
 
 
+@pytest.mark.integration  # the CLI in a subprocess, starting Prefect
 def test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line(tmp_path):
     proc = _cli(TINY_FLOW, [], tmp_path / "prefect", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
     line = _one_line_error(proc)
@@ -151,6 +154,7 @@ def test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line(tmp_
     assert "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher" in line
 
 
+@pytest.mark.integration  # the CLI in a subprocess, starting Prefect
 def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path, tiny_model, data_dir):
     url = f"http://127.0.0.1:{_closed_port()}/api"
     cfg = _config_file(tmp_path, tiny_model, data_dir)
@@ -160,6 +164,7 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path, tiny_model, da
     assert "start it (`tunegate up`" in line
 
 
+@pytest.mark.integration  # the CLI in a subprocess, starting Prefect
 def test_a_tracking_server_that_does_not_answer_is_one_line(
     fresh_prefect_home, tmp_path, tiny_model, data_dir
 ):

@@ -35,6 +35,9 @@ from tests.conftest import tiny_raw_config
 from tunegate.config import load_config, parse_config
 from tunegate.errors import ConfigError
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 FINETUNE = "tunegate-pipeline/finetune"
 NIGHTLY = "tunegate-pipeline/retrain-nightly"
 TRAIN = "tunegate-train-stage/train"

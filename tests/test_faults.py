@@ -22,6 +22,9 @@ from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
 from tunegate.errors import StoreUnavailable
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def prefect_api():

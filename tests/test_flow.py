@@ -16,6 +16,9 @@ from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
 from tunegate.errors import ConfigError, DataValidationError, StageGateFailed
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def prefect_api():
@@ -316,7 +319,9 @@ def test_dpo_pipeline_has_no_reward_model_stage(prefect_api, tiny_model, data_di
     assert "reward-model" not in stages and {"sft", "align", "evaluate"} <= stages
 
 
-def test_sft_only_pipeline_needs_only_conversations_and_an_eval_set(prefect_api, tiny_model, data_dir, tmp_path):
+def test_sft_only_pipeline_needs_only_conversations_and_an_eval_set(
+    prefect_api, tiny_model, data_dir, tmp_path
+):
     raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
     raw["align"] = {**raw["align"], "method": "none"}
     raw["data"] = {**raw["data"], "preferences": None, "prompts": None}

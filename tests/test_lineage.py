@@ -15,6 +15,9 @@ from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
 from tunegate.errors import ConfigError
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 STAGES = ("base-model", "validate", "build", "sft", "reward-model", "align", "evaluate", "gates", "register")
 
 

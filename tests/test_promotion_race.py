@@ -25,6 +25,9 @@ from tests.test_registry import PROMPT, TAGS, _verdict
 from tunegate.artifacts import ModelArtifact
 from tunegate.config import RegistrySection
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "raced-assistant"
 

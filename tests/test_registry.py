@@ -29,6 +29,9 @@ from tunegate.artifacts import BASE_REF, GateResult, GateVerdict, ModelArtifact
 from tunegate.config import RegistrySection, SftSection
 from tunegate.errors import ConfigError, PromotionError
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 NAME = "tiny-assistant"
 PROMPT = [{"role": "user", "content": "Hello!"}]
 

@@ -66,6 +66,7 @@ def _raised(exc: BaseException, *, cause: BaseException | None = None, context: 
 # --- Prefect retries a task only for a transient failure -------------------------------------------
 
 
+@pytest.mark.integration  # a temporary Prefect server
 @pytest.mark.parametrize(
     ("make_error", "runs"),
     [

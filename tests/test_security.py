@@ -20,6 +20,9 @@ from tests.conftest import tiny_raw_config
 from tunegate.config import load_config, parse_config
 from tunegate.errors import ConfigError
 
+# Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 # Planted where a careless pipeline would pick them up: the environment and a Prefect Secret block.
 PLANTED = {
     "HF_TOKEN": "hf_PlantedTokenValue0123456789abcdef",

@@ -224,6 +224,7 @@ def _task_artifact(client, task_run_id):
     return artifact
 
 
+@pytest.mark.integration  # a temporary Prefect server
 def test_watch_shows_progress_to_100_and_stage_logs_reach_the_task_run(
     prefect_api, tmp_path, restore_loggers
 ):
@@ -247,6 +248,7 @@ def test_watch_shows_progress_to_100_and_stage_logs_reach_the_task_run(
     assert "sft step 2/4: loss=2.25" in messages
 
 
+@pytest.mark.integration  # a temporary Prefect server
 def test_a_failed_stage_keeps_its_last_progress_and_says_where_it_stopped(
     prefect_api, tmp_path, restore_loggers
 ):

@@ -203,6 +203,7 @@ tasks.sft.train_sft(
 """
 
 
+@pytest.mark.integration  # subprocesses: a SIGKILL drill, a two-process launch
 def test_sft_killed_mid_run_resumes_from_its_last_checkpoint(stage_inputs, tmp_path):
     _, base, dataset, _ = stage_inputs
     cfg = _sft_cfg(stage_inputs, max_steps=12, checkpoint_steps=3)
@@ -273,6 +274,7 @@ def test_a_failing_worker_rank_reports_its_error_even_if_the_main_process_is_sto
     assert outcome["error"] == "ConfigError" and "qlora needs a CUDA GPU" in str(outcome["problems"])
 
 
+@pytest.mark.integration  # subprocesses: a SIGKILL drill, a two-process launch
 def test_two_process_launch_trains_and_returns_the_main_process_result(stage_inputs, tmp_path):
     _, base, dataset, _ = stage_inputs
     cfg = _sft_cfg(stage_inputs)
