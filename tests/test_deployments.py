@@ -493,7 +493,9 @@ def _diagnose(stack, flow_run_id, state) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     with _client(stack) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+        logs = client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=0
+        )
     worker_log = (stack.logs / "worker.log").read_text(errors="replace").splitlines()[-40:]
     return "\n".join(
         [
