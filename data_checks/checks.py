@@ -25,6 +25,14 @@ import numpy as np
 import pandas as pd
 
 from data_checks.formats import RowError, conversation_text, detect_shape, expected_keys, normalise
+from data_checks.masks import (
+    MaskError,
+    assistant_mask,
+    chat_messages,
+    chat_tools,
+    show_mask,
+    tool_template_problem,
+)
 from data_checks.readers import Chunk, input_bytes, iter_chunks, no_files_problem, parse_chunk, resolve_paths
 from data_checks.report import DataReport, Finding, Sample
 from data_checks.suites import run_suite
@@ -126,8 +134,11 @@ def check_data(
     shape: str | None = None,
     out_path: str | Path | None = None,
     workers: int = 0,
+    train_on: str = "all_assistant",
 ) -> CheckedData:
     """Run every check for one data kind. Never raises for bad data: the report says what failed.
+
+    `train_on` (`sft.train_on`) decides which assistant turns the SFT loss-mask check marks.
 
     With `out_path`, the kept rows are written there in TRL format and the rows dropped by policy, with
     their reasons, beside it (`<name>.dropped.jsonl`). `workers=0` picks one process per core for
@@ -168,7 +179,7 @@ def check_data(
         report, outcomes, frame, min_rows, max_length, length_policy, max_duplicate_fraction, sample_rows
     )
     if kind == "sft" and counted and acc.mask_sample:
-        _loss_mask_check(report, acc.mask_sample, len(frame), tokenizer, sample_rows)
+        _loss_mask_check(report, acc.mask_sample, len(frame), tokenizer, sample_rows, train_on)
     dropped = int((~frame["kept"]).sum())
     if dropped:
         report.dropped["too_long"] = dropped
@@ -231,6 +242,13 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
         except KeyError as exc:
             msg = f"missing key {exc} for the configured shape {shape!r}"
             tallies["schema"].add(Sample(row.where, msg), n, msg)
+
+    if s.kind == "sft" and s.tokenizer is not None and any("tools" in norm for _, _, norm in valid):
+        if (problem := tool_template_problem(s.tokenizer)) is not None:  # tool rows cannot render
+            for row, _, norm in valid:
+                if "tools" in norm:
+                    tallies["schema"].add(Sample(row.where, problem), n, problem)
+            valid = [v for v in valid if "tools" not in v[2]]
 
     n_tokens = [0] * len(valid)
     if s.tokenizer is not None and valid:
@@ -297,6 +315,9 @@ def _token_counts(kind: str, norms: list[dict], tokenizer) -> list[int | str]:
     longer side. A row the template refuses gets the template's message instead of a count."""
     if kind in ("prompts", "eval"):
         return _render_count(tokenizer, [norm["prompt"] for norm in norms], generation_prompt=True)
+    if kind == "sft":  # the whole conversation as SFT trains on it, tool specs included
+        conversations = [chat_messages(norm["messages"]) for norm in norms]
+        return _render_count(tokenizer, conversations, tools=[chat_tools(n.get("tools")) for n in norms])
     answers = [norm["prompt"] + norm.get("completion", norm.get("chosen", [])) for norm in norms]
     counts = _render_count(tokenizer, answers)
     if kind == "preferences":
@@ -309,9 +330,15 @@ def _token_counts(kind: str, norms: list[dict], tokenizer) -> list[int | str]:
 
 
 def _render_count(
-    tokenizer, conversations: list[list[dict]], generation_prompt: bool = False
+    tokenizer,
+    conversations: list[list[dict]],
+    generation_prompt: bool = False,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[int | str]:
+    tools = tools or [None] * len(conversations)
     try:
+        if any(tools):  # each row its own tools: rendered row by row below
+            raise ValueError("per-row tools")
         texts: list[str | None] = tokenizer.apply_chat_template(
             conversations, tokenize=False, add_generation_prompt=generation_prompt
         )
@@ -322,7 +349,7 @@ def _render_count(
             try:
                 texts.append(
                     tokenizer.apply_chat_template(
-                        conv, tokenize=False, add_generation_prompt=generation_prompt
+                        conv, tools=tools[i], tokenize=False, add_generation_prompt=generation_prompt
                     )
                 )
             except Exception as exc:  # noqa: BLE001 - the template's own message is the finding
@@ -592,74 +619,50 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
 
 
 def _loss_mask_check(
-    report: DataReport, sample: list[tuple[str, dict]], n_rows: int, tokenizer, n: int
+    report: DataReport, sample: list[tuple[str, dict]], n_rows: int, tokenizer, n: int, train_on: str
 ) -> None:
-    """The tokens an SFT row trains on are the completion's: they must exist and include end-of-turn.
-    Schema checks already guarantee non-empty answers; rendering a spread sample (the first row of each
-    chunk) catches templates that still mask them out, without tokenizing a million rows twice."""
+    """The tokens an SFT row trains on are its assistant turns' (every one, or the last with
+    `train_on=last_assistant`; data_checks/masks.py): they must be found, and each turn's must end
+    with the end-of-turn token. Schema checks already guarantee non-empty answers; rendering a spread
+    sample (the first row of each chunk) catches templates that still mask them out, without
+    tokenizing a million rows twice."""
     eos = tokenizer.eos_token
-    where, first = sample[0]
-    full = tokenizer.apply_chat_template(first["prompt"] + first["completion"], tokenize=False)
-    answer = first["completion"][-1]["content"]
-    tail = full[full.rfind(answer) + len(answer) :] if answer in full else ""
-    if eos and eos not in tail:
-        report.add(
-            "loss mask",
-            Finding(
-                "loss mask",
-                "error",
-                n_rows,
-                f"the chat template drops the end-of-turn token {eos!r} after the assistant's answer, so the "
-                "model would never learn to stop",
-                "use a chat template that closes assistant turns with the EOS token",
-                [Sample(where, repr(full[-60:]))],
-            ),
-        )
-        return
-    empty, shifted = [], []
+    failed: list[tuple[Sample, str]] = []
+    no_eos: list[Sample] = []
     for i, (where, norm) in enumerate(sample):
-        prompt_ids = _ids(
-            tokenizer.apply_chat_template(norm["prompt"], add_generation_prompt=True, tokenize=True)
-        )
-        full_ids = _ids(tokenizer.apply_chat_template(norm["prompt"] + norm["completion"], tokenize=True))
+        try:
+            masked = assistant_mask(tokenizer, norm["messages"], norm.get("tools"), train_on)
+        except MaskError as exc:
+            failed.append((Sample(where, str(exc).split(";")[0]), str(exc)))
+            continue
         if i == 0:  # show a person which tokens train
-            report.examples["loss mask"] = (
-                tokenizer.decode(full_ids[: len(prompt_ids)])
-                + "⟦"
-                + tokenizer.decode(full_ids[len(prompt_ids) :])
-                + "⟧"
-            )
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            shifted.append(Sample(where, "prompt tokens differ inside the full conversation"))
-        elif len(full_ids) <= len(prompt_ids):
-            empty.append(Sample(where, "no trainable tokens"))
-    if shifted:
+            report.examples["loss mask"] = show_mask(tokenizer, masked.input_ids, masked.mask)
+        if eos and (open_turn := next((e for b, e in masked.spans if eos not in masked.text[b:e]), None)):
+            no_eos.append(Sample(where, repr(masked.text[max(0, open_turn - 50) : open_turn + 10])))
+    if no_eos:
         finding = Finding(
             "loss mask",
             "error",
-            len(shifted),
-            f"in {len(shifted)} of {len(sample)} rendered sample rows the chat template renders the prompt "
-            "differently once the answer follows (it adds or strips text), so the loss mask would fall on "
-            "the wrong tokens",
-            "use a chat template whose generation prompt is a prefix of the full conversation",
-            shifted[:n],
+            n_rows,
+            f"the chat template drops the end-of-turn token {eos!r} after the assistant's answer, so the "
+            "model would never learn to stop",
+            "use a chat template that closes assistant turns with the EOS token",
+            no_eos[:n],
         )
-    elif empty:
+    elif failed:
+        message, _, fix = Counter(msg for _, msg in failed).most_common(1)[0][0].partition("; ")
         finding = Finding(
             "loss mask",
             "error",
-            len(empty),
-            f"{len(empty)} of {len(sample)} rendered sample rows have nothing to train on after masking the prompt",
-            "give each example a non-empty assistant answer",
-            empty[:n],
+            len(failed),
+            f"in {len(failed)} of {len(sample)} rendered sample rows the trained tokens cannot be located: "
+            + message,
+            fix or "correct the conversation or the chat template",
+            [s for s, _ in failed[:n]],
         )
     else:
         finding = None
     report.add("loss mask", finding)
-
-
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def _last_user(messages: list[dict]) -> str:

@@ -1,8 +1,17 @@
 """Detect each row's shape and map it to TRL's standard conversational formats.
 
 Kinds and the TRL format each one becomes:
-- sft:          prompt-completion, conversational: `prompt` (messages) and `completion` (the last
-                assistant message), so the loss falls on the assistant's answer whatever the template.
+- sft:          `messages`, the whole conversation as SFT trains on it (every assistant turn, or the
+                last with `sft.train_on=last_assistant`; data_checks/masks.py marks the tokens), with
+                tool calls and results when the row has them, and `tools` (the function specs, JSON);
+                plus TRL's prompt-completion view of its last assistant turn, `prompt` and
+                `completion` (plain role/content messages), which evaluation scores.
+                Tool calls come in TRL/OpenAI's shape (assistant `tool_calls`, `tool` messages, a
+                `tools` column) or LLaMA-Factory's ShareGPT one (`function_call`/`observation` turns,
+                a `tools` string), and are checked: arguments are JSON objects, every called name is
+                declared in `tools`, and every call is answered by a tool message (matching
+                `tool_call_id` where given) before the conversation goes on; only the last assistant
+                message's calls may stay unanswered (the example then teaches the call itself).
 - preferences:  explicit-prompt preference: `prompt`, `chosen`, `rejected` (messages).
 - prompts:      prompt-only: `prompt` (messages), optionally with the eval rows' checks, which make
                 a verifiable reward for online RL (tasks/scoring.py `check_reward`).
@@ -22,12 +31,16 @@ from typing import Any
 
 KINDS = ("sft", "preferences", "prompts", "eval")
 ROLES = {"system", "user", "assistant"}
+SFT_ROLES = ROLES | {"tool"}  # SFT conversations may call tools and carry their results
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory: the assistant's tool call(s), as JSON
+    "observation": "tool",  # LLaMA-Factory: the tool's result
+    "tool": "tool",
 }
 
 
@@ -36,6 +49,24 @@ def arrow_schema(kind: str):
     import pyarrow as pa
 
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    call = pa.struct(
+        [
+            ("id", pa.string()),
+            ("type", pa.string()),
+            ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())])),  # JSON text
+        ]
+    )
+    conversation = pa.list_(
+        pa.struct(
+            [
+                ("role", pa.string()),
+                ("content", pa.string()),
+                ("tool_calls", pa.list_(call)),
+                ("tool_call_id", pa.string()),
+                ("name", pa.string()),
+            ]
+        )
+    )
     checks = [
         ("expected_any", pa.list_(pa.string())),
         ("exact", pa.string()),
@@ -44,7 +75,12 @@ def arrow_schema(kind: str):
         ("refuse", pa.bool_()),
     ]
     fields = {
-        "sft": [("prompt", messages), ("completion", messages)],
+        "sft": [
+            ("prompt", messages),
+            ("completion", messages),
+            ("messages", conversation),
+            ("tools", pa.string()),  # JSON list of function specs; null without tools
+        ],
         "preferences": [("prompt", messages), ("chosen", messages), ("rejected", messages)],
         "prompts": [("prompt", messages), *checks],
         "eval": [("prompt", messages), ("set", pa.string()), *checks],
@@ -68,10 +104,18 @@ def detect_shape(kind: str, data: dict[str, Any]) -> str | None:
         if {"prompt", "completion"} <= keys:
             return "prompt_completion"
     elif kind == "preferences":
-        if {"prompt", "chosen", "rejected"} <= keys:
-            return "preference_explicit"
         if {"chosen", "rejected"} <= keys:
+            if "conversations" in keys:
+                return "preference_sharegpt"
+            if "instruction" in keys:
+                return "preference_alpaca"
+            if "prompt" in keys:
+                return "preference_explicit"
+            if isinstance(data["chosen"], str) and isinstance(data["rejected"], str):
+                return "hh_rlhf"
             return "preference_implicit"
+        if {"completion", "label"} <= keys:
+            return "unpaired_preference"
     elif kind == "prompts":
         if "prompt" in keys:
             return "prompt_only"
@@ -85,7 +129,8 @@ def detect_shape(kind: str, data: dict[str, Any]) -> str | None:
 def expected_keys(kind: str) -> str:
     return {
         "sft": "`messages`, `conversations` (ShareGPT), `instruction`/`output` (Alpaca) or `prompt`/`completion`",
-        "preferences": "`prompt`, `chosen`, `rejected` (or `chosen`/`rejected` conversations sharing a prompt)",
+        "preferences": "`prompt`, `chosen`, `rejected` (or `chosen`/`rejected` conversations sharing a prompt, "
+        "hh-rlhf transcripts, or LLaMA-Factory's `conversations` + `chosen`/`rejected`)",
         "prompts": "`prompt` (a string or a list of messages), optionally with checks as in eval rows",
         "eval": "`prompt` and at least one check: " + ", ".join(f"`{c}`" for c in CHECKS),
     }[kind]
@@ -96,14 +141,21 @@ def normalise(
 ) -> dict[str, Any]:
     """Map one row to its TRL format. Raises RowError with the fix when the row is malformed."""
     if kind == "sft":
-        messages = _sft_messages(shape, data)
+        messages, tools = _sft_messages(shape, data)
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last_assistant is None:
             raise RowError("no assistant turn to learn from; add an assistant message")
         if not any(m["role"] == "user" for m in messages[:last_assistant]):
             raise RowError("the assistant answers no user turn; add the user message before it")
-        prompt = _with_system(messages[:last_assistant], system_prompt)
-        return {"prompt": prompt, "completion": [messages[last_assistant]]}
+        conversation = _with_system(messages[: last_assistant + 1], system_prompt)
+        field = {"sharegpt": "conversations", "prompt_completion": "prompt+completion"}.get(shape, "messages")
+        _check_tool_calls(conversation, tools, field, offset=len(conversation) - last_assistant - 1)
+        row = {
+            "prompt": _plain(conversation[:-1]),
+            "completion": _plain(conversation[-1:]),
+            "messages": conversation,
+        }
+        return {**row, "tools": tools} if tools is not None else row
     if kind == "preferences":
         if shape == "preference_explicit":
             prompt = _as_messages(data["prompt"], "prompt", default_role="user")
@@ -202,7 +254,10 @@ def _checks(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def conversation_text(row: dict[str, Any]) -> str:
-    """All message contents of a normalised row, for duplicate and content checks."""
+    """All message contents of a normalised row, for duplicate and content checks; an SFT row's whole
+    conversation, its tool calls and its tool specs included."""
+    if "messages" in row:
+        return "\n".join([_text(row["messages"]), *([row["tools"]] if row.get("tools") else [])])
     parts = []
     for key in ("prompt", "completion", "chosen", "rejected"):
         if key in row:
@@ -210,53 +265,285 @@ def conversation_text(row: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _sft_messages(shape: str, data: dict[str, Any]) -> list[dict[str, str]]:
+def _sft_messages(shape: str, data: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """An SFT row's conversation (tool calls and results allowed) and its tool specs as JSON text."""
+    tools = _tools(data.get("tools"))
     if shape == "messages":
-        return _as_messages(data["messages"], "messages")
+        return _as_messages(data["messages"], "messages", tool_calls=True), tools
     if shape == "sharegpt":
-        turns = data["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise RowError("`conversations` must be a non-empty list of {from, value} objects")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                raise RowError(f"conversations[{i}] must be an object with `from` and `value`")
-            role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
-            if role is None:
-                raise RowError(
-                    f"conversations[{i}].from is {turn['from']!r}; use one of {sorted(SHAREGPT_ROLES)}"
-                )
-            messages.append({"role": role, "content": turn["value"]})
-        return _as_messages(messages, "conversations")
+        return _sharegpt_messages(data["conversations"]), tools
     if shape == "alpaca":
         instruction, extra = data.get("instruction"), data.get("input") or ""
         user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
         return _as_messages(
             [{"role": "user", "content": user}, {"role": "assistant", "content": data.get("output")}],
             "alpaca",
-        )
+        ), None
     # prompt_completion
-    prompt = _as_messages(data["prompt"], "prompt", default_role="user")
-    completion = _as_messages(data["completion"], "completion", default_role="assistant")
-    return prompt + completion
+    prompt = _as_messages(data["prompt"], "prompt", default_role="user", tool_calls=True)
+    completion = _as_messages(data["completion"], "completion", default_role="assistant", tool_calls=True)
+    return prompt + completion, tools
 
 
-def _as_messages(value: Any, field: str, default_role: str | None = None) -> list[dict[str, str]]:
+def _sharegpt_messages(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT turns as messages; LLaMA-Factory's `function_call` turn (JSON: one call or a list of
+    them) becomes an assistant message with `tool_calls`, its `observation` turn a tool message."""
+    if not isinstance(turns, list) or not turns:
+        raise RowError("`conversations` must be a non-empty list of {from, value} objects")
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"conversations[{i}] must be an object with `from` and `value`")
+        tag = str(turn["from"]).lower()
+        role = SHAREGPT_ROLES.get(tag)
+        if role is None:
+            raise RowError(
+                f"conversations[{i}].from is {turn['from']!r}; use one of {sorted(SHAREGPT_ROLES)}"
+            )
+        if tag != "function_call":
+            messages.append({"role": role, "content": turn["value"]})
+            continue
+        calls = _json_value(
+            turn["value"],
+            f"conversations[{i}].value (function_call)",
+            'write the call as {"name": "get_weather", "arguments": {"city": "Paris"}} (or a list of calls)',
+        )
+        calls = calls if isinstance(calls, list) else [calls]
+        if not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
+            raise RowError(
+                f"conversations[{i}].value (function_call) must be a call object "
+                '{"name": ..., "arguments": {...}} or a non-empty list of them'
+            )
+        tool_calls = [
+            {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+            for c in calls
+        ]
+        messages.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
+    return _as_messages(messages, "conversations", tool_calls=True)
+
+
+def _as_messages(
+    value: Any, field: str, default_role: str | None = None, tool_calls: bool = False
+) -> list[dict[str, Any]]:
+    """Messages checked for roles and content. With `tool_calls` (SFT conversations), `tool` messages
+    and assistant `tool_calls` are allowed too; an assistant message that calls tools needs no text."""
     if isinstance(value, str) and default_role is not None:
         value = [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise RowError(f"`{field}` must be a non-empty list of messages")
+    roles = SFT_ROLES if tool_calls else ROLES
     messages = []
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        calls = msg.get("tool_calls") if tool_calls and isinstance(msg, dict) else None
+        if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and calls is None):
             raise RowError(f"{field}[{i}] must be an object with `role` and `content`")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise RowError(f"{field}[{i}].role is {role!r}; allowed roles: {', '.join(sorted(ROLES))}")
-        if not isinstance(content, str) or not content.strip():
-            raise RowError(f"{field}[{i}].content must be a non-empty string (got {content!r:.40})")
-        messages.append({"role": role, "content": content})
+        role, content = msg["role"], msg.get("content")
+        if not isinstance(role, str) or role not in roles:
+            raise RowError(f"{field}[{i}].role is {role!r}; allowed roles: {', '.join(sorted(roles))}")
+        if calls is not None:
+            if role != "assistant":
+                raise RowError(f"{field}[{i}] has `tool_calls`, which only assistant messages may have")
+            if content is not None and not isinstance(content, str):
+                raise RowError(f"{field}[{i}].content must be a string or null (got {content!r:.40})")
+            message = {
+                "role": role,
+                "content": content or "",
+                "tool_calls": _tool_calls(calls, f"{field}[{i}]"),
+            }
+        else:
+            if role == "tool" and isinstance(content, dict | list):  # a structured result: keep it as JSON
+                content = _json_text(content)
+            if not isinstance(content, str) or not content.strip():
+                raise RowError(f"{field}[{i}].content must be a non-empty string (got {content!r:.40})")
+            message = {"role": role, "content": content}
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if msg.get(key) is not None:
+                    if not isinstance(msg[key], str) or not msg[key]:
+                        raise RowError(f"{field}[{i}].{key} must be a non-empty string")
+                    message[key] = msg[key]
+        messages.append(message)
     return messages
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """Assistant tool calls as {id, type, function: {name, arguments}}, arguments as JSON text of an
+    object (Parquet needs one type; data_checks/masks.py turns it back into an object to render)."""
+    if not isinstance(calls, list) or not calls:
+        raise RowError(f"{where}.tool_calls must be a non-empty list of calls")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise RowError(
+                f"{at} must be an object with `function`: {{`name`, `arguments`}} "
+                '(e.g. {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}})'
+            )
+        if call.get("type", "function") != "function":
+            raise RowError(f"{at}.type is {call['type']!r}; only `function` calls are supported")
+        call_id = call.get("id")
+        if call_id is not None and (not isinstance(call_id, str) or not call_id):
+            raise RowError(f"{at}.id must be a non-empty string")
+        arguments = {} if function.get("arguments") is None else function["arguments"]
+        if isinstance(arguments, str):
+            arguments = _json_value(
+                arguments,
+                f"{at}.function.arguments",
+                'write the arguments as a JSON object, e.g. {"city": "Paris"}',
+            )
+        if not isinstance(arguments, dict):
+            raise RowError(
+                f"{at}.function.arguments must be a JSON object (got {type(arguments).__name__}); "
+                'name each argument, e.g. {"city": "Paris"}'
+            )
+        out.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function["name"], "arguments": _json_text(arguments)},
+            }
+        )
+    return out
+
+
+def _tools(value: Any) -> str | None:
+    """A row's tool specs as JSON text: TRL/OpenAI's {type: function, function: {name, description,
+    parameters}} entries, or LLaMA-Factory's bare {name, description, parameters} (wrapped)."""
+    if value is None or value != value or (isinstance(value, str) and not value.strip()):  # NaN: CSV
+        return None
+    example = '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
+    if isinstance(value, str):
+        value = _json_value(value, "`tools`", f"give a JSON list of function specs, e.g. {example}")
+    if not isinstance(value, list):
+        raise RowError(f"`tools` must be a list of function specs, e.g. {example}")
+    specs, names = [], set()
+    for i, spec in enumerate(value):
+        function = spec.get("function", spec) if isinstance(spec, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise RowError(f"tools[{i}] must be a function spec with a `name`, e.g. {example}")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise RowError(f'tools[{i}].parameters must be a JSON Schema object, e.g. {{"type": "object"}}')
+        if function["name"] in names:
+            raise RowError(f"tools[{i}] declares `{function['name']}` again; declare each function once")
+        names.add(function["name"])
+        specs.append({"type": "function", "function": function})
+    return _json_text(specs) if specs else None
+
+
+def _check_tool_calls(messages: list[dict[str, Any]], tools: str | None, field: str, offset: int = 0) -> None:
+    """Every called function is declared in `tools`; every call is answered by a tool message before
+    the conversation goes on (the last message's calls excepted); results answer a waiting call, by
+    `tool_call_id` when given, else by `name`, else in order. Fills each result's id and name from
+    the call it answers. `offset`: messages prepended to the row's own (a system prompt)."""
+    import json
+
+    declared = [s["function"]["name"] for s in json.loads(tools)] if tools else []
+    pending: list[tuple[int, int, dict[str, Any]]] = []  # (message index, call index, call)
+    seen_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        at = f"{field}[{i - offset}]"
+        if msg["role"] == "tool":
+            if not pending:
+                raise RowError(
+                    f"{at} is a tool result, but no tool call is waiting for one; put it right after "
+                    "the assistant message whose call it answers"
+                )
+            match = _answered_call(pending, msg, at)
+            _, _, call = pending.pop(match)
+            if call["id"] is not None:
+                msg["tool_call_id"] = call["id"]
+            msg["name"] = call["function"]["name"]
+            continue
+        if pending:
+            _unanswered(pending, field, offset, at)
+        for j, call in enumerate(msg.get("tool_calls") or []):
+            name = call["function"]["name"]
+            if not declared:
+                raise RowError(
+                    f"{at}.tool_calls[{j}] calls `{name}`, but the row declares no tools; add a `tools` "
+                    "column listing each function's JSON schema"
+                )
+            if name not in declared:
+                raise RowError(
+                    f"{at}.tool_calls[{j}] calls `{name}`, which `tools` does not declare "
+                    f"(declared: {', '.join(declared)}); add its spec to `tools` or correct the name"
+                )
+            if call["id"] is not None:
+                if call["id"] in seen_ids:
+                    raise RowError(
+                        f"{at}.tool_calls[{j}].id {call['id']!r} is used twice; give each call its own id"
+                    )
+                seen_ids.add(call["id"])
+            pending.append((i, j, call))
+    if pending and pending[0][0] != len(messages) - 1:
+        _unanswered(pending, field, offset, "the end of the conversation")
+
+
+def _answered_call(pending: list[tuple[int, int, dict[str, Any]]], msg: dict[str, Any], at: str) -> int:
+    """Which waiting call a tool result answers (its index in `pending`)."""
+    waiting = ", ".join(
+        f"{c['function']['name']}" + (f" (id {c['id']})" if c["id"] else "") for _, _, c in pending
+    )
+    if (call_id := msg.get("tool_call_id")) is not None:
+        for k, (_, _, call) in enumerate(pending):
+            if call["id"] == call_id:
+                if msg.get("name") not in (None, call["function"]["name"]):
+                    raise RowError(
+                        f"{at} is named `{msg['name']}` but answers call {call_id!r} of "
+                        f"`{call['function']['name']}`; correct the name or the id"
+                    )
+                return k
+        raise RowError(
+            f"{at}.tool_call_id is {call_id!r}, which no waiting call has (waiting: {waiting}); "
+            "use the id of the call it answers"
+        )
+    if (name := msg.get("name")) is not None:
+        for k, (_, _, call) in enumerate(pending):
+            if call["function"]["name"] == name:
+                return k
+        raise RowError(f"{at} is the result of `{name}`, which no waiting call calls (waiting: {waiting})")
+    return 0
+
+
+def _unanswered(pending: list[tuple[int, int, dict[str, Any]]], field: str, offset: int, before: str) -> None:
+    i, j, call = pending[0]
+    ident = f", id {call['id']}" if call["id"] else ""
+    raise RowError(
+        f"{field}[{i - offset}].tool_calls[{j}] (`{call['function']['name']}`{ident}) is not answered "
+        f"before {before}; add a tool message with its result right after the call"
+        + (f" (`tool_call_id`: {call['id']!r})" if call["id"] else "")
+    )
+
+
+def _json_value(text: Any, where: str, fix: str) -> Any:
+    import json
+
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"{where} is not valid JSON ({exc}); {fix}") from exc
+
+
+def _json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Role and content only: TRL's prompt-completion view, which evaluation renders without tools."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _split_implicit(chosen: list[dict[str, str]], rejected: list[dict[str, str]]):
@@ -276,5 +563,12 @@ def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> l
     return messages
 
 
-def _text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages)
+def _text(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        " ".join(
+            [m["content"], *(c["function"]["name"] + c["function"]["arguments"] for c in m["tool_calls"])]
+        )
+        if m.get("tool_calls")
+        else m["content"]
+        for m in messages
+    )

@@ -337,7 +337,9 @@ def _validate(args) -> int:
     cfg = load_config(args.config)
     kind = "preferences" if args.kind == "preference" else args.kind
     base = prepare_base_model(cfg.model)
-    tokenizer = load_tokenizer(base.path, trust_remote_code=base.trust_remote_code)
+    tokenizer = load_tokenizer(
+        base.path, trust_remote_code=base.trust_remote_code, chat_template=base.chat_template
+    )
     checked = check_kind(
         cfg.validate_,
         kind,
@@ -345,6 +347,7 @@ def _validate(args) -> int:
         tokenizer,
         cfg.model.system_prompt,
         cfg.data.shapes.get(kind),
+        train_on=cfg.sft.train_on,
     )
     r = checked.report
     if args.format == "json":

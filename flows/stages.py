@@ -80,7 +80,7 @@ PRODUCE: tuple[Stage, ...] = (
         "tasks.validate:validate_data",
         "validated",
         ("validate", "data_needed", "@base"),
-        {"system_prompt": "model.system_prompt"},
+        {"system_prompt": "model.system_prompt", "train_on": "sft.train_on"},
     ),
     Stage("build", "tasks.build:build_datasets", "dataset", ("build", "@validated"), {"seed": "run.seed"}),
     Stage(

@@ -25,7 +25,8 @@ def prepare_base_model(cfg: ModelSection) -> ModelArtifact:
     """Return the base model as a local directory with its digest.
 
     Raises:
-        ConfigError: the package, file or directory named by `base_model` does not exist.
+        ConfigError: the package, file or directory named by `base_model` does not exist, or the
+            file named by `chat_template`.
     """
     ref = cfg.base_model
     if ref.startswith("package:"):
@@ -41,7 +42,25 @@ def prepare_base_model(cfg: ModelSection) -> ModelArtifact:
         base_model=ref,
         digest=digest,
         trust_remote_code=cfg.trust_remote_code,
+        chat_template=chat_template_text(cfg.chat_template),
     )
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """`model.chat_template` as template text: the value itself, or the file it names (a template
+    always holds `{`, a path never does).
+
+    Raises:
+        ConfigError: the named file does not exist.
+    """
+    if value is None or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            [f"model.chat_template: {value!r} is neither a Jinja template nor a file; give its text or path"]
+        )
+    return path.read_text(encoding="utf-8")
 
 
 def reward_backbone(model: ModelSection, backbone: str | None, sft: ModelArtifact) -> ModelArtifact:

@@ -71,16 +71,21 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_causal_lm(path: str, quantization=None, *, trust_remote_code: bool = False):
+def load_causal_lm(
+    path: str, quantization=None, *, trust_remote_code: bool = False, chat_template: str | None = None
+):
     """A causal LM and its tokenizer (pad token set): bf16 and SDPA attention on CUDA, fp32 on CPU.
     An adapter directory is loaded onto its base model and merged, so callers see one plain model.
 
     Code shipped with the model runs only with `trust_remote_code` (the record's, which comes from
-    `model.trust_remote_code`); otherwise transformers' own architecture is used, or loading fails."""
+    `model.trust_remote_code`); otherwise transformers' own architecture is used, or loading fails.
+    `chat_template` (the record's, from `model.chat_template`) replaces the tokenizer's own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if on_cuda() else torch.float32

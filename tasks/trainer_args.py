@@ -42,6 +42,9 @@ def _sft(cfg: SftSection) -> dict[str, Any]:
         "load_best_model_at_end": early,
         "metric_for_best_model": "eval_loss" if early else None,
         "greater_is_better": False if early else None,
+        # tunegate tokenises with its own loss mask (`sft.train_on`, tasks/sft.py): TRL's masks stay off.
+        "assistant_only_loss": False,
+        "completion_only_loss": False,
     }
     if early:
         kwargs.update(save_strategy="steps", save_steps=cfg.eval_steps)
@@ -95,6 +98,8 @@ SET_INSTEAD: dict[str, str] = {
     "load_best_model_at_end": "sft.early_stopping_patience",
     "metric_for_best_model": "sft.early_stopping_patience",
     "greater_is_better": "sft.early_stopping_patience",
+    "assistant_only_loss": "sft.train_on",
+    "completion_only_loss": "sft.train_on",
 }
 OWNED: dict[str, str] = {
     "output_dir": "it is keyed by content so a run can resume from its checkpoints",

@@ -21,9 +21,11 @@ def validate_data(
     *,
     out_dir: Path,
     system_prompt: str | None = None,
+    train_on: str = "all_assistant",
 ) -> ValidatedData:
     """Check each data kind with the real tokenizer and chat template; write the report and the
-    valid rows (normalised to TRL's formats) under `out_dir`.
+    valid rows (normalised to TRL's formats) under `out_dir`. `train_on` (`sft.train_on`): the
+    assistant turns whose loss mask is checked.
 
     Raises:
         DataValidationError: any check failed; `report` holds the reports, and the markdown report
@@ -31,7 +33,9 @@ def validate_data(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = (
-        load_tokenizer(base.path, trust_remote_code=base.trust_remote_code) if base is not None else None
+        load_tokenizer(base.path, trust_remote_code=base.trust_remote_code, chat_template=base.chat_template)
+        if base is not None
+        else None
     )
     checked: dict[str, CheckedData] = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
@@ -45,6 +49,7 @@ def validate_data(
             system_prompt,
             data.shapes.get(kind),
             out_path=out_dir / f"{kind}.jsonl",
+            train_on=train_on,
         )
     check_leakage(
         checked["eval"].report,
@@ -93,6 +98,7 @@ def check_kind(
     system_prompt: str | None = None,
     shape: str | None = None,
     out_path: Path | None = None,
+    train_on: str = "all_assistant",
 ) -> CheckedData:
     """Run every single-file check for one data kind with the settings of `cfg` (also `tunegate validate`)."""
     return check_data(
@@ -109,6 +115,7 @@ def check_kind(
         shape=shape,
         out_path=out_path,
         workers=cfg.workers,
+        train_on=train_on,
     )
 
 
@@ -116,7 +123,12 @@ def _digest(path: str | Path) -> str:
     return sha256_dir(path) if Path(path).is_dir() else sha256_file(path)
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The model's tokenizer, with `chat_template` (the record's `model.chat_template`) instead of its
+    own when given."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer

@@ -40,7 +40,11 @@ def test_build_writes_trl_formats_without_leakage(data_dir, tiny_model, tmp_path
     )
     train = pd.read_parquet(ds.splits["sft_train"].path)
     held = pd.read_parquet(ds.splits["sft_eval"].path)
-    assert list(train.columns) == ["completion", "prompt"] or set(train.columns) == {"prompt", "completion"}
+    assert set(train.columns) == {"prompt", "completion", "messages", "tools"}
+    assert all(
+        list(p) + list(c) == [{"role": m["role"], "content": m["content"]} for m in msgs]
+        for p, c, msgs in zip(train["prompt"], train["completion"], train["messages"], strict=True)
+    )
     assert 0 < len(held) < len(train)
     key = lambda df: {" ".join(m["content"] for m in p) for p in df["prompt"]}  # noqa: E731
     assert not key(train) & key(held)
@@ -180,7 +184,7 @@ def test_user_formats_round_trip_to_trl_parquet(tmp_path, tiny_model):
             BuildSection(eval_fraction=0.25), validated, out_dir=tmp_path / sft_file / "d", seed=0
         )
         sft = Dataset.from_parquet([ds.splits["sft_train"].path, ds.splits["sft_eval"].path])
-        assert sft.column_names == ["prompt", "completion"] and len(sft) == n
+        assert sft.column_names == ["prompt", "completion", "messages", "tools"] and len(sft) == n
         row = next(r for r in sft if r["prompt"][-1]["content"] == first_prompt)
         assert row["prompt"][0] == {"role": "system", "content": "Be kind."}
         assert row["completion"] == [{"role": "assistant", "content": first_answer}]

@@ -211,10 +211,9 @@ def test_loss_mask_rejects_template_that_drops_end_of_turn(tmp_path, tiny_model)
 )
 def test_sft_shapes_map_to_trl_prompt_completion(shape, row):
     out = normalise("sft", shape, row, system_prompt="Be brief.")
-    assert out == {
-        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n\n2+2"}],
-        "completion": [{"role": "assistant", "content": "4"}],
-    }
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n\n2+2"}]
+    completion = [{"role": "assistant", "content": "4"}]
+    assert out == {"prompt": prompt, "completion": completion, "messages": prompt + completion}
 
 
 def test_implicit_preference_prompt_is_split():

@@ -60,6 +60,13 @@ class ModelArtifact(Artifact):
             "this one inherits it. Travels with the record to launched processes and pool workers."
         ),
     )
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "The chat template to load it with instead of its own (`model.chat_template`, as text); "
+            "None: its own. A model trained from this one saves it with its tokenizer."
+        ),
+    )
 
 
 class EvalReport(Artifact):

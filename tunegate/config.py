@@ -122,6 +122,14 @@ class ModelSection(Section):
         None,
         description="System message prepended to prompts that have none (training and evaluation alike).",
     )
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "A Jinja chat template used instead of the base model's own: its text, or the path of a file "
+            "holding it (e.g. a tool-capable template such as Qwen2.5's for tool-calling data). Checked "
+            "and trained with, and saved with the trained model."
+        ),
+    )
 
 
 # The row shapes the readers detect, per data kind (data_checks/formats.py maps each to TRL's format).
@@ -276,6 +284,14 @@ class SftSection(PolicyTrainSection):
         0.0, ge=0, description="How much eval loss must drop to count as an improvement."
     )
     eval_steps: int = Field(10, ge=1, description="With early stopping: evaluate every N steps.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant",
+        description=(
+            "Which assistant turns of a conversation train (their content, tool calls and end-of-turn "
+            "token; never user, system or tool text): every one, or only the last. Masks come from the "
+            "chat template itself (data_checks/masks.py), so templates without generation markers work."
+        ),
+    )
 
 
 class RewardSection(TrainSection):
