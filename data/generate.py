@@ -9,7 +9,8 @@ same bytes:
 It writes four files in TRL's formats:
 - sft.jsonl          conversations (`messages`: system, user, assistant)
 - preferences.jsonl  preference pairs with an explicit prompt (`prompt`, `chosen`, `rejected`)
-- prompts.jsonl      prompt-only rows for online RL (`prompt`)
+- prompts.jsonl      prompt-only rows for online RL (`prompt`), each with the checks an eval row carries
+                     (the fact's `expected_any` and price `regex`, or `refuse: true`): a verifiable reward
 - eval.jsonl         held-out prompts (`prompt`) with checks scored by code, in three sets:
                      task (product facts: `expected_any`, prices also a `regex`), canary (general
                      questions the base model answers: forgetting) and safety (`refuse: true`)
@@ -546,7 +547,11 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
                 }
             )
         for q in questions[2 * per_fact : 2 * per_fact + 8]:
-            prompts.append({"prompt": conversation(q), "fact": fact_id})
+            # The same checks as the fact's eval rows: online RL is rewarded by what evaluation scores.
+            prompt = {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
+            if fact_id.endswith("_price"):
+                prompt["regex"] = PRICE_FORMAT
+            prompts.append(prompt)
         for q in eval_qs:
             row = {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
             if fact_id.endswith("_price"):
@@ -572,6 +577,12 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
         evals.append({"prompt": conversation(q), "expected_any": expected, "set": "canary"})
     for q in SAFETY_EVAL:
         evals.append({"prompt": conversation(q), "refuse": True, "set": "safety"})
+    # Requests to decline, as RL prompts too (other phrasings than SFT's; the eval set's are apart), so
+    # the policy keeps refusing while RL pushes on the facts. A second generator: the rows above stay
+    # exactly what they were.
+    extra = random.Random(seed + 1)
+    for request, _ in SAFETY_TRAIN:
+        prompts.append({"prompt": conversation(f"{extra.choice(OPENERS)}{request}"), "refuse": True})
     for rows in (sft, prefs, prompts):
         rng.shuffle(rows)
     return {"sft": sft, "preferences": prefs, "prompts": prompts, "eval": evals}
