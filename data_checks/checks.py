@@ -1,5 +1,7 @@
-"""Validate one data kind: parse, shape, schema, content (secrets, personal data), length with the real
-chat template, then the GX suite (row count, duplicates, single shape, length) and the loss mask.
+"""Validate one data kind: parse, shape, schema, content (secrets, personal data), meaning (ignored
+columns, transcript markers), length with the real chat template, then the expectation suite over the
+kept rows (row count, duplicates, single shape, length; suites.py), the dropped-rows gate and the loss
+mask.
 
 Files are streamed in chunks. Each chunk is checked on its own (in worker processes for large inputs):
 it comes back as a few numeric columns per row, bounded samples of every problem, and the valid rows
@@ -24,7 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_checks.formats import RowError, conversation_text, detect_shape, expected_keys, normalise
+from data_checks.formats import (
+    MEANINGFUL_COLUMNS,
+    RowError,
+    columns_read,
+    conversation_text,
+    detect_shape,
+    expected_keys,
+    normalise,
+    shape_mapping,
+    transcript_markers,
+)
 from data_checks.masks import (
     MaskError,
     assistant_mask,
@@ -33,8 +45,19 @@ from data_checks.masks import (
     show_mask,
     tool_template_problem,
 )
-from data_checks.readers import Chunk, input_bytes, iter_chunks, no_files_problem, parse_chunk, resolve_paths
-from data_checks.report import DataReport, Finding, Sample
+from data_checks.readers import (
+    Chunk,
+    ParseProblem,
+    Source,
+    describe_format,
+    input_bytes,
+    iter_chunks,
+    location,
+    no_files_problem,
+    parse_chunk,
+    resolve_sources,
+)
+from data_checks.report import DataReport, Finding, Sample, SourceInfo
 from data_checks.suites import run_suite
 
 # name -> (literal hints, pattern): the pattern only runs on text containing a hint.
@@ -47,9 +70,19 @@ SECRETS = {
     "Slack token": (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b")),
 }
 PII = {
-    "email address": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
-    "phone number": re.compile(r"(?<![\w$])\+?\d{1,3}[ .-]?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}\b"),
+    "email address": re.compile(r"\b[A-Za-z0-9._%+-]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})\b"),
+    # A written phone number: groups 3-3-4 with separators (optionally a country code and an area code
+    # in parentheses), or E.164 (+ and 10-14 digits). Never digits inside a longer number, a decimal
+    # (0.3571428571), an amount or an identifier, and never a bare run of digits (ids, timestamps).
+    "phone number": re.compile(
+        r"(?<![\w$.,+/:-])"
+        r"(?:(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}|\+[1-9]\d{9,13})"
+        r"(?![\w]|[.,-]\d)"
+    ),
 }
+# Reserved for documentation and tests (RFC 2606, RFC 6761): never someone's address.
+RESERVED_DOMAINS = ("example.com", "example.org", "example.net")
+RESERVED_TLDS = ("test", "invalid", "example", "localhost")
 _FOUR_DIGITS = re.compile(r"\d{4}")
 PARALLEL_ABOVE_BYTES = 16 * 2**20  # smaller inputs are checked in-process: workers cost seconds to start
 MASK_SAMPLES = 256
@@ -75,21 +108,28 @@ class Tally:
     count: int = 0
     samples: list[Sample] = field(default_factory=list)
     causes: Counter = field(default_factory=Counter)
+    fixes: dict[str, str] = field(default_factory=dict)  # cause -> its fix, where causes differ in fix
 
-    def add(self, sample: Sample, limit: int, cause: str | None = None) -> None:
+    def add(self, sample: Sample, limit: int, cause: str | None = None, fix: str | None = None) -> None:
         self.count += 1
         if len(self.samples) < limit:
             self.samples.append(sample)
         if cause is not None:
             self.causes[cause] += 1
+            if fix is not None:
+                self.fixes.setdefault(cause, fix)
 
     def merge(self, other: Tally, limit: int) -> None:
         self.count += other.count
         self.samples.extend(other.samples[: max(0, limit - len(self.samples))])
         self.causes.update(other.causes)
+        for cause, fix in other.fixes.items():
+            self.fixes.setdefault(cause, fix)
 
 
-TALLIES = ("parse", "shape", "schema", "secrets", "pii")
+# markers: hh-rlhf `Human:`/`Assistant:` text in TRL's string form; columns: ignored columns that
+# change what a row means (label, images, tools where the shape has none).
+TALLIES = ("parse", "shape", "schema", "secrets", "pii", "markers", "columns")
 
 
 @dataclass
@@ -102,6 +142,9 @@ class ChunkResult:
     kept_jsonl: bytes  # valid rows kept, normalised, one JSON object per line
     dropped_jsonl: bytes  # rows dropped by policy: {"where", "reason"}
     mask_sample: list[tuple[str, dict]]
+    detected: Counter = field(default_factory=Counter)  # shape -> rows detected as it (valid or not)
+    ignored: Counter = field(default_factory=Counter)  # column no shape reads -> rows that fill it
+    meta: dict[str, str] = field(default_factory=dict)  # what reading learnt (a Hub revision)
 
 
 @dataclass
@@ -135,6 +178,8 @@ def check_data(
     out_path: str | Path | None = None,
     workers: int = 0,
     train_on: str = "all_assistant",
+    max_dropped_fraction: float = 1.0,
+    suite_engine: str = "gx",
 ) -> CheckedData:
     """Run every check for one data kind. Never raises for bad data: the report says what failed.
 
@@ -142,48 +187,55 @@ def check_data(
 
     With `out_path`, the kept rows are written there in TRL format and the rows dropped by policy, with
     their reasons, beside it (`<name>.dropped.jsonl`). `workers=0` picks one process per core for
-    inputs over 16 MiB.
+    inputs over 16 MiB. Row counts, `min_rows` and the suite judge the rows kept after policy drops;
+    `max_dropped_fraction` fails the data when policies drop more than that share of the rows read.
+    `suite_engine` evaluates the expectation suite with Great Expectations (`gx`) or pandas (suites.py).
     """
-    paths = resolve_paths(spec)
+    sources = resolve_sources(spec)
     source = ", ".join(map(str, spec)) if isinstance(spec, list | tuple) else str(spec)
-    report = DataReport(kind=kind, source=source, files=[str(p) for p in paths], rows_read=0, rows_valid=0)
+    report = DataReport(kind=kind, source=source, files=[str(s) for s in sources], rows_read=0, rows_valid=0)
     settings = CheckSettings(
         kind, shape, system_prompt, tokenizer, max_length, length_policy == "drop", sample_rows
     )
     if workers <= 0:
-        workers = min(os.cpu_count() or 1, 8) if paths and input_bytes(paths) > PARALLEL_ABOVE_BYTES else 1
+        big = sources and input_bytes(sources) > PARALLEL_ABOVE_BYTES
+        workers = min(os.cpu_count() or 1, 8) if big else 1
     acc = _Accumulator(sample_rows)
-    if not paths:
-        p = no_files_problem(source)
-        acc.tallies["parse"].add(Sample(p.where, p.what), sample_rows, p.what)
+    if not sources:
+        _add_problem(acc.tallies["parse"], no_files_problem(source), sample_rows)
     out = Path(out_path) if out_path is not None else None
     with _Outputs(out) as sink:
-        for result in _check_chunks(iter_chunks(paths), settings, workers):
+        for result in _check_chunks(iter_chunks(sources), settings, workers):
             acc.add(result)
             sink.write(result)
     frame = acc.frame()
+    kept = frame[frame["kept"]]
     report.rows_read = acc.rows_read
+    report.rows_valid = len(kept)
+    report.sources = acc.sources(kind, sources)
+    report.files = [s.file for s in report.sources]
+    if len(kept) < len(frame):
+        report.dropped["too_long"] = len(frame) - len(kept)
 
     _parse_finding(report, acc.tallies["parse"])
     _schema_findings(report, kind, acc.tallies["shape"], acc.tallies["schema"])
     _content_findings(report, acc.tallies["secrets"], acc.tallies["pii"], pii_policy)
+    _meaning_findings(report, acc.tallies["markers"], acc.tallies["columns"], report.sources)
     counted = tokenizer is not None
     outcomes = run_suite(
         kind,
-        frame,
+        kept,
         min_rows=min_rows,
-        max_tokens=max_length if counted else None,
+        max_tokens=max_length if counted and length_policy == "fail" else None,
         max_duplicate_fraction=max_duplicate_fraction,
+        engine=suite_engine,
     )
     _suite_findings(
         report, outcomes, frame, min_rows, max_length, length_policy, max_duplicate_fraction, sample_rows
     )
+    _dropped_finding(report, frame, max_dropped_fraction, max_length, sample_rows)
     if kind == "sft" and counted and acc.mask_sample:
         _loss_mask_check(report, acc.mask_sample, len(frame), tokenizer, sample_rows, train_on)
-    dropped = int((~frame["kept"]).sum())
-    if dropped:
-        report.dropped["too_long"] = dropped
-    report.rows_valid = len(frame) - dropped
     return CheckedData(report, frame, out)
 
 
@@ -201,7 +253,8 @@ def check_leakage(
         count = len(hits)
         for row in hits.head(n).itertuples():
             first = seen.loc[row.prompt_hash]
-            leaks.append(Sample(f"{row.file}:{row.line}", f"also in training at {first.file}:{first.line}"))
+            also = location(first.file, first.line)
+            leaks.append(Sample(location(row.file, row.line), f"also in training at {also}"))
     report.add(
         "no train/eval leakage",
         Finding(
@@ -226,15 +279,23 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
     tallies = {name: Tally() for name in TALLIES}
     rows, problems = parse_chunk(chunk)
     for p in problems:
-        tallies["parse"].add(Sample(p.where, f"{p.what}: {p.value}".rstrip(": ")), n, p.what.split(" (")[0])
+        _add_problem(tallies["parse"], p, n)
 
     valid: list[tuple[Any, str, dict]] = []  # (row, shape, normalised)
+    detected: Counter = Counter()
+    ignored: Counter = Counter()
     for row in rows:
         shape = s.shape or detect_shape(s.kind, row.data)
         if shape is None:
             keys = ", ".join(sorted(row.data)) or "(no keys)"
             tallies["shape"].add(Sample(row.where, keys[:80]), n, keys)
             continue
+        detected[shape] += 1
+        _ignored_columns(s.kind, shape, row, ignored, tallies["columns"], n)
+        if fields := transcript_markers(shape, row.data):
+            marked = ", ".join(f"`{f}`" for f in fields)
+            verb = "holds" if len(fields) == 1 else "hold"
+            tallies["markers"].add(Sample(row.where, f"{marked} {verb} Human:/Assistant: markers"), n)
         try:
             valid.append((row, shape, normalise(s.kind, shape, row.data, s.system_prompt)))
         except RowError as exc:
@@ -297,17 +358,50 @@ def _check_chunk(s: CheckSettings, chunk: Chunk) -> ChunkResult:
         kept_jsonl="".join(line + "\n" for line in out).encode("utf-8"),
         dropped_jsonl="".join(line + "\n" for line in dropped).encode("utf-8"),
         mask_sample=[(valid[0][0].where, valid[0][2])] if valid else [],
+        detected=detected,
+        ignored=ignored,
+        meta=chunk.meta,
     )
+
+
+def _add_problem(tally: Tally, p: ParseProblem, n: int) -> None:
+    tally.add(Sample(p.where, f"{p.what}: {p.value}".rstrip(": ")), n, p.what.split(" (")[0], p.fix)
+
+
+def _ignored_columns(kind: str, shape: str, row, ignored: Counter, tally: Tally, n: int) -> None:
+    """Count the filled columns the row's shape does not read; tally those whose loss changes meaning."""
+    read = columns_read(kind, shape)
+    for column, value in row.data.items():
+        if column in read or value is None or value == "" or value == [] or value == {}:
+            continue
+        ignored[column] += 1
+        if column in MEANINGFUL_COLUMNS:
+            tally.add(Sample(row.where, f"`{column}` ignored: {MEANINGFUL_COLUMNS[column]}"), n, column)
 
 
 def _scan(text: str, where: str, tallies: dict[str, Tally], n: int) -> None:
     for name, (hints, pattern) in SECRETS.items():
         if any(h in text for h in hints) and (m := pattern.search(text)):
             tallies["secrets"].add(Sample(where, f"{name}: {_mask(m.group())}"), n, name)
-    if "@" in text and (m := PII["email address"].search(text)):
-        tallies["pii"].add(Sample(where, f"email address: {_mask(m.group())}"), n, "email address")
-    if _FOUR_DIGITS.search(text) and (m := PII["phone number"].search(text)):
-        tallies["pii"].add(Sample(where, f"phone number: {_mask(m.group())}"), n, "phone number")
+    if "@" in text:
+        for m in PII["email address"].finditer(text):
+            if not _reserved_domain(m.group(1)):
+                tallies["pii"].add(Sample(where, f"email address: {_mask(m.group())}"), n, "email address")
+                break
+    if _FOUR_DIGITS.search(text):
+        for m in PII["phone number"].finditer(text):
+            if re.sub(r"\D", "", m.group())[-7:-2] != "55501":  # 555-0100..0199: reserved for fiction
+                tallies["pii"].add(Sample(where, f"phone number: {_mask(m.group())}"), n, "phone number")
+                break
+
+
+def _reserved_domain(domain: str) -> bool:
+    domain = domain.lower()
+    return (
+        domain in RESERVED_DOMAINS
+        or domain.endswith(tuple("." + d for d in RESERVED_DOMAINS))
+        or domain.rsplit(".", 1)[-1] in RESERVED_TLDS
+    )
 
 
 def _token_counts(kind: str, norms: list[dict], tokenizer) -> list[int | str]:
@@ -399,6 +493,14 @@ def _check_chunks(chunks: Iterable[Chunk], settings: CheckSettings, workers: int
             yield pending.popleft().result()
 
 
+@dataclass
+class _FileTally:
+    rows: int = 0
+    shapes: Counter = field(default_factory=Counter)  # detected shape -> rows
+    ignored: Counter = field(default_factory=Counter)  # unread column -> rows that fill it
+    meta: dict[str, str] = field(default_factory=dict)
+
+
 class _Accumulator:
     def __init__(self, n: int) -> None:
         self.n = n
@@ -409,6 +511,7 @@ class _Accumulator:
         self.shapes: list[np.ndarray] = []
         self.file_codes: list[np.ndarray] = []
         self.mask_sample: list[tuple[str, dict]] = []
+        self.per_file: dict[str, _FileTally] = {}
 
     def add(self, r: ChunkResult) -> None:
         self.rows_read += r.rows_read
@@ -416,12 +519,39 @@ class _Accumulator:
             self.tallies[name].merge(tally, self.n)
         if r.file not in self.files:
             self.files.append(r.file)
+        info = self.per_file.setdefault(r.file, _FileTally())
+        info.rows += r.rows_read
+        info.shapes.update(r.detected)
+        info.ignored.update(r.ignored)
+        info.meta.update(r.meta)
         for key, values in r.columns.items():
             self.columns.setdefault(key, []).append(values)
         self.shapes.append(np.asarray(r.shapes, dtype=object))
         self.file_codes.append(np.full(len(r.shapes), self.files.index(r.file), dtype=np.int32))
         if len(self.mask_sample) < MASK_SAMPLES:
             self.mask_sample.extend(r.mask_sample)
+
+    def sources(self, kind: str, sources: list[Source]) -> list[SourceInfo]:
+        """What each source turned out to be: format, detected shapes and their mapping, ignored columns."""
+        read_as = {info.meta.get("source", f): f for f, info in self.per_file.items()}  # Hub: resolved
+        out = []
+        for source in sources:
+            file = read_as.get(str(source), str(source))
+            info = self.per_file.get(file, _FileTally())
+            shapes = dict(info.shapes.most_common())
+            out.append(
+                SourceInfo(
+                    file=file,
+                    format=describe_format(source),
+                    rows=info.rows,
+                    shapes=shapes,
+                    mapping={shape: shape_mapping(kind, shape) for shape in shapes},
+                    ignored=dict(info.ignored.most_common()),
+                    revision=info.meta.get("revision"),
+                    sha256=info.meta.get("sha256"),
+                )
+            )
+        return out
 
     def frame(self) -> pd.DataFrame:
         def cat(parts, dtype):
@@ -490,12 +620,14 @@ def _add(
 
 
 def _parse_finding(report: DataReport, tally: Tally) -> None:
+    fixes = dict.fromkeys(tally.fixes.get(cause, "") for cause in tally.causes)  # in order, each once
     _add(
         report,
         "file parses",
         tally,
         "unreadable records: " + ", ".join(f"{k} ×{v}" for k, v in tally.causes.items()),
-        "re-export the file as UTF-8 JSON Lines, one complete object per line",
+        "; ".join(f for f in fixes if f)
+        or "re-export the file as UTF-8 JSON Lines, one complete object per line",
     )
 
 
@@ -530,17 +662,58 @@ def _content_findings(report: DataReport, secrets: Tally, pii: Tally, pii_policy
         "personal data",
         pii,
         "emails or phone numbers in the text",
-        "redact them (e.g. <EMAIL>, <PHONE>) or set validate.pii_policy=warn if they are synthetic",
+        "redact them (e.g. <EMAIL>, <PHONE>), or set validate.pii_policy=warn if they are synthetic"
+        if pii_policy == "block"
+        else "redact them (e.g. <EMAIL>, <PHONE>); set validate.pii_policy=block to fail on them",
         "error" if pii_policy == "block" else "warning",
     )
 
 
+def _meaning_findings(report: DataReport, markers: Tally, columns: Tally, sources: list[SourceInfo]) -> None:
+    """Warnings for data that would train, but not as its author meant."""
+    if report.kind == "preferences":
+        _add(
+            report,
+            "transcript markers",
+            markers,
+            "string fields hold hh-rlhf `Human:`/`Assistant:` markers, which would train as literal text "
+            "inside one message",
+            "drop `prompt` and give `chosen`/`rejected` as whole transcripts (prompt + answer; tunegate "
+            "splits them into messages), or give lists of messages",
+            "warning",
+        )
+    lost = ", ".join(f"`{c}` ({MEANINGFUL_COLUMNS[c]}) ×{k}" for c, k in columns.causes.most_common())
+    shapes = ", ".join(sorted({shape for s in sources for shape in s.shapes}))
+    _add(
+        report,
+        "ignored columns",
+        columns,
+        f"columns that change what a row means are ignored by the detected shape ({shapes}): {lost}",
+        "filter or convert the rows first (e.g. keep only label=true rows, or describe images in text), "
+        "or drop the columns",
+        "warning",
+    )
+
+
 def _where(frame: pd.DataFrame) -> list[str]:
-    return [f"{f}:{line}" for f, line in zip(frame["file"], frame["line"], strict=True)]
+    return [location(f, line) for f, line in zip(frame["file"], frame["line"], strict=True)]
+
+
+# Rules that drop rows (the keys of `DataReport.dropped`): what they drop, and how to keep the rows.
+DROP_RULES = {
+    "too_long": (
+        "longer than validate.max_length={max_length} tokens",
+        "shorten those examples or raise validate.max_length",
+    ),
+}
 
 
 def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy, max_dup, n) -> None:
+    """Findings from the suite's verdicts over the kept rows; sample locations from the same rows."""
+    kept = frame[frame["kept"]]
+    n_dropped = len(frame) - len(kept)
     o = outcomes["min_rows"]
+    dropped = f" ({n_dropped} more dropped for length)" if n_dropped else ""
     report.add(
         "enough rows",
         None
@@ -548,74 +721,123 @@ def _suite_findings(report, outcomes, frame, min_rows, max_length, length_policy
         else Finding(
             "enough rows",
             "error",
-            len(frame),
-            f"{len(frame)} valid rows, at least {min_rows} required",
-            "add more examples, or lower validate.min_rows for this kind",
+            len(kept),
+            f"{len(kept)} rows kept{dropped}, at least {min_rows} required",
+            f"add more examples, or lower validate.min_rows.{report.kind}"
+            + (", or raise validate.max_length to keep the long ones" if n_dropped else ""),
         ),
     )
     o = outcomes["single_shape"]
     if o.success:
         report.add("one shape per split")
     else:
-        counts = frame["shape"].astype(str).value_counts()  # ties: first seen wins
-        minority = frame[frame["shape"] != counts.index[0]].head(n)
+        counts = kept["shape"].astype(str).value_counts()  # ties: first seen wins
+        minority = kept[kept["shape"] != counts.index[0]].head(n)
         report.add(
             "one shape per split",
             Finding(
                 "one shape per split",
                 "error",
-                int((frame["shape"] != counts.index[0]).sum()),
+                int((kept["shape"] != counts.index[0]).sum()),
                 "mixed shapes: " + ", ".join(f"{s} ×{c}" for s, c in counts.items() if c),
                 f"convert every row to one shape ({counts.index[0]})",
                 [Sample(w, s) for w, s in zip(_where(minority), minority["shape"], strict=True)],
             ),
         )
-    dup_mask = frame.duplicated("norm_hash", keep="first")
-    n_dup = int(dup_mask.sum())
-    if n_dup:
-        dups = frame[dup_mask].head(n)
-        firsts = frame[~dup_mask & frame["norm_hash"].isin(dups["norm_hash"])]
-        first_at = dict(zip(firsts["norm_hash"], _where(firsts), strict=True))
-        samples = [
-            Sample(w, f"duplicate of {first_at[h]}")
-            for w, h in zip(_where(dups), dups["norm_hash"], strict=True)
-        ]
-        n_exact = int(frame.duplicated("exact_hash", keep="first").sum())
-        o = outcomes["duplicates"]
-        report.add(
-            "duplicates",
-            Finding(
-                "duplicates",
-                "warning" if o.success else "error",
-                n_dup,
-                f"{n_dup} rows repeat another after normalising case and whitespace ({n_exact} exactly); "
-                f"{'within' if o.success else 'above'} the {max_dup:.0%} limit",
-                "remove the repeats (the build stage drops them), or raise validate.max_duplicate_fraction",
-                samples,
-            ),
-        )
-    else:
-        report.add("duplicates")
-    if "length" in outcomes:
+    _duplicates_finding(report, outcomes, kept, max_dup, n)
+    if "length" in outcomes:  # length_policy=fail: over-long rows fail the data
         o = outcomes["length"]
-        too_long = frame[frame["n_tokens"] > max_length].head(n)
+        too_long = kept[kept["n_tokens"] > max_length].head(n)
         report.add(
             "length",
             None
             if o.success
             else Finding(
                 "length",
-                "error" if length_policy == "fail" else "warning",
+                "error",
                 o.unexpected_count,
-                f"rendered examples longer than validate.max_length={max_length} tokens"
-                + (" (dropped)" if length_policy == "drop" else ""),
-                "shorten them, raise validate.max_length, or set validate.length_policy=drop",
-                [
-                    Sample(w, f"{t} tokens")
-                    for w, t in zip(_where(too_long), too_long["n_tokens"], strict=True)
-                ],
+                f"rendered examples longer than validate.max_length={max_length} tokens",
+                "shorten them, raise validate.max_length, or set validate.length_policy=drop to drop "
+                "them (each recorded with its reason)",
+                _token_samples(too_long),
             ),
         )
+    elif length_policy == "drop" and frame["n_tokens"].any():  # counted with the tokenizer
+        too_long = frame[~frame["kept"]].head(n)
+        report.add(
+            "length",
+            Finding(
+                "length",
+                "warning",
+                n_dropped,
+                f"rendered examples longer than validate.max_length={max_length} tokens, dropped (each "
+                "listed with its reason beside the kept rows)",
+                "shorten them, or raise validate.max_length to keep them",
+                _token_samples(too_long),
+            )
+            if n_dropped
+            else None,
+        )
+
+
+def _token_samples(rows: pd.DataFrame) -> list[Sample]:
+    return [Sample(w, f"{t} tokens") for w, t in zip(_where(rows), rows["n_tokens"], strict=True)]
+
+
+def _duplicates_finding(report: DataReport, outcomes, kept: pd.DataFrame, max_dup: float, n: int) -> None:
+    dup_mask = kept.duplicated("norm_hash", keep="first")
+    n_dup = int(dup_mask.sum())
+    if not n_dup:
+        report.add("duplicates")
+        return
+    dups = kept[dup_mask].head(n)
+    firsts = kept[~dup_mask & kept["norm_hash"].isin(dups["norm_hash"])]
+    first_at = dict(zip(firsts["norm_hash"], _where(firsts), strict=True))
+    samples = [
+        Sample(w, f"duplicate of {first_at[h]}") for w, h in zip(_where(dups), dups["norm_hash"], strict=True)
+    ]
+    n_exact = int(kept.duplicated("exact_hash", keep="first").sum())
+    o = outcomes["duplicates"]
+    report.add(
+        "duplicates",
+        Finding(
+            "duplicates",
+            "warning" if o.success else "error",
+            n_dup,
+            f"{n_dup} rows repeat another after normalising case and whitespace ({n_exact} exactly); "
+            f"{'within' if o.success else 'above'} the {max_dup:.0%} limit",
+            "remove the repeats (the build stage drops them)"
+            + ("" if o.success else ", or raise validate.max_duplicate_fraction"),
+            samples,
+        ),
+    )
+
+
+def _dropped_finding(
+    report: DataReport, frame: pd.DataFrame, max_fraction: float, max_length: int, n: int
+) -> None:
+    """The data gate on rows that policies drop: more than `max_fraction` of the rows read fails, naming
+    the rule that dropped most."""
+    total = sum(report.dropped.values())
+    share = total / report.rows_read if report.rows_read else 0.0
+    if share <= max_fraction:
+        report.add("dropped rows")
+        return
+    rule, count = max(report.dropped.items(), key=lambda kv: kv[1])
+    what, fix = DROP_RULES[rule]
+    report.add(
+        "dropped rows",
+        Finding(
+            "dropped rows",
+            "error",
+            total,
+            f"{total} of {report.rows_read} rows ({share:.1%}) dropped, above "
+            f"validate.max_dropped_fraction={max_fraction:g}; most by {rule}: {count} rows "
+            + what.format(max_length=max_length),
+            f"{fix}, or raise validate.max_dropped_fraction if losing them is intended",
+            _token_samples(frame[~frame["kept"]].head(n)),
+        ),
+    )
 
 
 def _loss_mask_check(

@@ -12,7 +12,13 @@ Kinds and the TRL format each one becomes:
                 declared in `tools`, and every call is answered by a tool message (matching
                 `tool_call_id` where given) before the conversation goes on; only the last assistant
                 message's calls may stay unanswered (the example then teaches the call itself).
-- preferences:  explicit-prompt preference: `prompt`, `chosen`, `rejected` (messages).
+- preferences:  explicit-prompt preference: `prompt`, `chosen`, `rejected` (messages). Read from TRL's
+                explicit and implicit-prompt shapes (messages or strings), LLaMA-Factory's ShareGPT
+                (`conversations` + `chosen`/`rejected` message objects, optional `system`) and Alpaca
+                (`instruction`/`input` + `chosen`/`rejected` strings) preference shapes, and Anthropic
+                hh-rlhf transcripts (`chosen`/`rejected` strings of `\n\nHuman: …\n\nAssistant: …`
+                turns, split into messages). Unpaired rows (`prompt`/`completion`/`label`, KTO's
+                shape) are refused with how to pair them: no stage trains on them yet.
 - prompts:      prompt-only: `prompt` (messages), optionally with the eval rows' checks, which make
                 a verifiable reward for online RL (tasks/scoring.py `check_reward`).
 - eval:         prompt-only plus per-row acceptance checks, so a team writes its tests as data:
@@ -27,6 +33,7 @@ invalid JSON Schema is reported with its file and line before any training start
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 KINDS = ("sft", "preferences", "prompts", "eval")
@@ -157,14 +164,7 @@ def normalise(
         }
         return {**row, "tools": tools} if tools is not None else row
     if kind == "preferences":
-        if shape == "preference_explicit":
-            prompt = _as_messages(data["prompt"], "prompt", default_role="user")
-            chosen = _as_messages(data["chosen"], "chosen", default_role="assistant")
-            rejected = _as_messages(data["rejected"], "rejected", default_role="assistant")
-        else:
-            prompt, chosen, rejected = _split_implicit(
-                _as_messages(data["chosen"], "chosen"), _as_messages(data["rejected"], "rejected")
-            )
+        prompt, chosen, rejected = _preference_pair(shape, data)
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
             if not msgs or msgs[-1]["role"] != "assistant":
                 raise RowError(f"`{name}` must end with an assistant message")
@@ -337,7 +337,7 @@ def _as_messages(
         calls = msg.get("tool_calls") if tool_calls and isinstance(msg, dict) else None
         if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and calls is None):
             raise RowError(f"{field}[{i}] must be an object with `role` and `content`")
-        role, content = msg["role"], msg.get("content")
+        role, content = msg["role"], content_text(msg.get("content"), f"{field}[{i}]")
         if not isinstance(role, str) or role not in roles:
             raise RowError(f"{field}[{i}].role is {role!r}; allowed roles: {', '.join(sorted(roles))}")
         if calls is not None:
@@ -555,6 +555,222 @@ def _split_implicit(chosen: list[dict[str, str]], rejected: list[dict[str, str]]
             "implicit-prompt pair: `chosen` and `rejected` must start with the same prompt messages"
         )
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference shapes
+
+
+def _preference_pair(shape: str, data: dict[str, Any]) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected) messages of a preference row in any accepted shape."""
+    if shape == "preference_explicit":
+        return (
+            _as_messages(data["prompt"], "prompt", default_role="user"),
+            _as_messages(data["chosen"], "chosen", default_role="assistant"),
+            _as_messages(data["rejected"], "rejected", default_role="assistant"),
+        )
+    if shape == "preference_sharegpt":
+        prompt = _system(data) + _sharegpt_prompt(data["conversations"])
+        return prompt, [_answer(data["chosen"], "chosen")], [_answer(data["rejected"], "rejected")]
+    if shape == "preference_alpaca":
+        instruction, extra = data["instruction"], data.get("input") or ""
+        user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+        prompt = _system(data) + _as_messages([{"role": "user", "content": user}], "instruction")
+        return prompt, [_answer(data["chosen"], "chosen")], [_answer(data["rejected"], "rejected")]
+    if shape == "unpaired_preference":
+        raise RowError(
+            "an unpaired preference row (`completion` with a `label`, KTO's format): tunegate trains on "
+            "paired preferences, and align.method has no `kto` yet; pair each prompt's desirable "
+            "(label true) and undesirable (label false) completions into one row "
+            "{prompt, chosen, rejected}"
+        )
+    if shape == "hh_rlhf":
+        chosen, rejected = _hh_messages(data["chosen"], "chosen"), _hh_messages(data["rejected"], "rejected")
+    else:
+        chosen, rejected = _as_messages(data["chosen"], "chosen"), _as_messages(data["rejected"], "rejected")
+    return _split_implicit(chosen, rejected)
+
+
+def _sharegpt_prompt(turns: Any) -> list[dict[str, str]]:
+    messages = _sharegpt_messages(turns)
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES or m.get("tool_calls"):
+            raise RowError(
+                f"conversations[{i}] is a tool call or result; preference pairs are trained without tools, "
+                "so keep system, human and gpt turns only"
+            )
+    if messages[-1]["role"] != "user":
+        raise RowError(
+            "`conversations` (the prompt) must end with a human turn; the answers belong in `chosen` "
+            "and `rejected`"
+        )
+    return messages
+
+
+def _answer(value: Any, field: str) -> dict[str, str]:
+    """LLaMA-Factory's `chosen`/`rejected`: one assistant message ({from, value} or {role, content}) or
+    its text."""
+    if isinstance(value, dict):
+        if "from" in value:
+            value = {"role": SHAREGPT_ROLES.get(str(value["from"]).lower()), "content": value.get("value")}
+        value = [value]
+    message = _as_messages(value, field, default_role="assistant")
+    if len(message) != 1 or message[0]["role"] != "assistant":
+        raise RowError(f'`{field}` must be one assistant answer, e.g. {{"from": "gpt", "value": "..."}}')
+    return message[0]
+
+
+def _system(data: dict[str, Any]) -> list[dict[str, str]]:
+    system = data.get("system")
+    return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_EXPECTED = (
+    "expected an Anthropic hh-rlhf transcript: turns that alternate '\\n\\nHuman: …' and "
+    "'\\n\\nAssistant: …', starting with Human and ending with Assistant"
+)
+
+
+def _hh_messages(text: Any, field: str) -> list[dict[str, str]]:
+    """An hh-rlhf transcript as messages; anything else is an error naming what is expected."""
+    if not isinstance(text, str):
+        raise RowError(f"`{field}` must be a string transcript or a list of messages")
+    parts = _HH_TURN.split("\n\n" + text.lstrip())
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(
+            f"`{field}` is a string without hh-rlhf `Human:`/`Assistant:` markers; {_HH_EXPECTED}, or give "
+            "the question in `prompt` and the answers in `chosen`/`rejected`"
+        )
+    roles, contents = parts[1::2], parts[2::2]
+    for i, role in enumerate(roles):
+        expected = "Human" if i % 2 == 0 else "Assistant"
+        if role != expected:
+            raise RowError(f"`{field}` turn {i + 1} is `{role}:` where `{expected}:` belongs; {_HH_EXPECTED}")
+    if roles[-1] != "Assistant":
+        raise RowError(f"`{field}` ends with a `Human:` turn; {_HH_EXPECTED}")
+    messages = [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(roles, contents, strict=True)
+    ]
+    return _as_messages(messages, field)
+
+
+_MARKER = re.compile(r"(?:^|\n)[ \t]*(?:Human|Assistant):")
+
+
+def transcript_markers(shape: str, data: dict[str, Any]) -> list[str]:
+    """The text fields of an explicit-prompt row that carry hh-rlhf `Human:`/`Assistant:` markers:
+    as strings they train as literal text inside one message."""
+    if shape != "preference_explicit":
+        return []
+    return [
+        k
+        for k in ("prompt", "chosen", "rejected")
+        if isinstance(data.get(k), str) and _MARKER.search(data[k])
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Content parts
+
+
+_NON_TEXT_PARTS = {  # part type -> (what it is, what is not supported)
+    "image_url": ("an image", "images"),
+    "image": ("an image", "images"),
+    "input_image": ("an image", "images"),
+    "input_audio": ("audio", "audio"),
+    "audio": ("audio", "audio"),
+    "video": ("a video", "videos"),
+    "video_url": ("a video", "videos"),
+    "file": ("a file", "files"),
+}
+
+
+def content_text(content: Any, where: str) -> Any:
+    """OpenAI content parts (`[{"type": "text", "text": …}, …]`) as one text, parts joined by a newline;
+    any other value unchanged. Images, audio, video and files are errors: tunegate trains text models."""
+    if not (
+        isinstance(content, list) and content and all(isinstance(p, dict) and "type" in p for p in content)
+    ):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part["type"]
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in _NON_TEXT_PARTS:
+            noun, plural = _NON_TEXT_PARTS[kind]
+            raise RowError(
+                f"{where}.content[{j}] is {noun} (`{kind}` part): {plural} are not supported for text "
+                "models; remove the part (or describe it in text), or train a multimodal model with "
+                "another tool"
+            )
+        else:
+            raise RowError(
+                f'{where}.content[{j}] must be a text part {{"type": "text", "text": "..."}} '
+                f"(got type {kind!r:.40})"
+            )
+    return "\n".join(texts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What each shape reads (for the report's column mapping and its ignored columns)
+
+_TOOLS = "tools (when present) → tools"
+SHAPE_COLUMNS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("sft", "messages"): (("messages", "tools"), f"messages → messages, prompt + completion; {_TOOLS}"),
+    ("sft", "sharegpt"): (
+        ("conversations", "tools"),
+        f"conversations (from/value) → messages, prompt + completion; {_TOOLS}",
+    ),
+    ("sft", "alpaca"): (("instruction", "input", "output"), "instruction + input → user; output → assistant"),
+    ("sft", "prompt_completion"): (
+        ("prompt", "completion", "tools"),
+        f"prompt → prompt; completion → completion; {_TOOLS}",
+    ),
+    ("preferences", "preference_explicit"): (
+        ("prompt", "chosen", "rejected"),
+        "prompt, chosen, rejected as given",
+    ),
+    ("preferences", "preference_implicit"): (
+        ("chosen", "rejected"),
+        "shared leading turns → prompt; the rest → chosen, rejected",
+    ),
+    ("preferences", "preference_sharegpt"): (
+        ("conversations", "chosen", "rejected", "system"),
+        "system + conversations (from/value) → prompt; chosen, rejected (from/value) → chosen, rejected",
+    ),
+    ("preferences", "preference_alpaca"): (
+        ("instruction", "input", "chosen", "rejected", "system"),
+        "system + instruction + input → prompt; chosen, rejected → chosen, rejected",
+    ),
+    ("preferences", "hh_rlhf"): (
+        ("chosen", "rejected"),
+        "Human:/Assistant: transcripts split into messages; shared turns → prompt; last answers → chosen, rejected",
+    ),
+    ("preferences", "unpaired_preference"): (("prompt", "completion", "label"), "refused: unpaired (KTO)"),
+    ("prompts", "prompt_only"): (("prompt", *CHECKS), "prompt → prompt; checks → checks"),
+    ("prompts", "messages"): (("messages", *CHECKS), "messages → prompt; checks → checks"),
+    ("eval", "eval_prompt"): (("prompt", "set", *CHECKS), "prompt → prompt; set and checks as given"),
+}
+# Columns whose loss changes what a row means, and what is lost.
+MEANINGFUL_COLUMNS = {
+    "label": "rows train whatever their label says",
+    "images": "the model never sees the images: tunegate trains text models",
+    "image": "the model never sees the image: tunegate trains text models",
+    "tools": "the tool specs are not rendered: this shape has no tool support",
+    "history": "earlier turns are left out of the conversation",
+    "system": "the system prompt is left out",
+}
+
+
+def columns_read(kind: str, shape: str) -> tuple[str, ...]:
+    return SHAPE_COLUMNS.get((kind, shape), ((), ""))[0]
+
+
+def shape_mapping(kind: str, shape: str) -> str:
+    return SHAPE_COLUMNS.get((kind, shape), ((), "as configured"))[1]
 
 
 def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:

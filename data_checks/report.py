@@ -26,6 +26,32 @@ class Finding:
 
 
 @dataclass
+class SourceInfo:
+    """One source as read: its format, the shape detected for its rows and how their columns map to
+    TRL's, the columns no shape reads, and for a Hub dataset the commit it resolved to."""
+
+    file: str
+    format: str
+    rows: int = 0
+    shapes: dict[str, int] = field(default_factory=dict)  # detected shape -> rows
+    mapping: dict[str, str] = field(default_factory=dict)  # shape -> "column → field; ..."
+    ignored: dict[str, int] = field(default_factory=dict)  # column -> rows that have it
+    revision: str | None = None
+    sha256: str | None = None  # for Hub datasets (local files are digested by the validate stage)
+
+    def summary(self) -> str:
+        parts = [f"{self.format}, {self.rows} rows"]
+        if self.revision:
+            parts.append(f"revision {self.revision}")
+        for shape, n in self.shapes.items():
+            share = f" ×{n}" if len(self.shapes) > 1 else ""
+            parts.append(f"shape {shape}{share} ({self.mapping.get(shape, '')})")
+        if self.ignored:
+            parts.append("ignored columns: " + ", ".join(f"{c} ×{n}" for c, n in self.ignored.items()))
+        return "; ".join(parts)
+
+
+@dataclass
 class CheckResult:
     check: str
     passed: bool
@@ -38,9 +64,10 @@ class DataReport:
     source: str
     files: list[str]
     rows_read: int
-    rows_valid: int
+    rows_valid: int  # rows that pass every row check and are kept (not dropped by a policy)
     checks: list[CheckResult] = field(default_factory=list)
-    dropped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # rule -> rows it dropped (not kept)
+    sources: list[SourceInfo] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)  # e.g. a rendered row, trained tokens in ⟦⟧
 
     @property
@@ -58,6 +85,14 @@ class DataReport:
     def add(self, check: str, finding: Finding | None = None) -> None:
         self.checks.append(CheckResult(check, finding is None or finding.severity != "error", finding))
 
+    def counts(self) -> str:
+        """e.g. '60 rows read, 31 kept (29 dropped: too_long ×29)'."""
+        text = f"{self.rows_read} rows read, {self.rows_valid} kept"
+        if self.dropped:
+            total = sum(self.dropped.values())
+            text += f" ({total} dropped: " + ", ".join(f"{k} ×{v}" for k, v in self.dropped.items()) + ")"
+        return text
+
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
@@ -65,7 +100,9 @@ class DataReport:
         verdict = "PASSED" if self.passed else "FAILED"
         lines = [
             f"### {self.kind}: {verdict}",
-            f"`{self.source}` — {self.rows_read} rows read, {self.rows_valid} valid",
+            f"`{self.source}` — {self.counts()}",
+            "",
+            *(f"- `{s.file}`: {_cell(s.summary())}" for s in self.sources),
             "",
             "| check | verdict | rows | detail |",
             "|---|---|---:|---|",
@@ -79,16 +116,14 @@ class DataReport:
             where = "; ".join(f"`{s.where}` {s.value}" for s in f.samples)
             detail = f"{f.message}. Fix: {f.fix}" + (f" — e.g. {where}" if where else "")
             lines.append(f"| {c.check} | {mark} | {f.count} | {_cell(detail)} |")
-        if self.dropped:
-            lines += ["", "Dropped: " + ", ".join(f"{k}: {v}" for k, v in self.dropped.items())]
         for name, text in self.examples.items():
             lines += ["", f"{name} (tokens that train are inside ⟦ ⟧):", "", "```", text, "```"]
         return "\n".join(lines)
 
     def to_text(self) -> str:
         out = [
-            f"{self.kind} ({self.source}): {'PASSED' if self.passed else 'FAILED'} — "
-            f"{self.rows_read} rows read, {self.rows_valid} valid"
+            f"{self.kind} ({self.source}): {'PASSED' if self.passed else 'FAILED'} — {self.counts()}",
+            *(f"  source {s.file}: {s.summary()}" for s in self.sources),
         ]
         for c in self.checks:
             f = c.finding

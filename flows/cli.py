@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=10")
 
     val = sub.add_parser("validate", help="validate one data file (exit 0 pass, 1 fail, 2 usage error)")
-    val.add_argument("path", help="file, directory or glob")
+    val.add_argument(
+        "path",
+        help="file (also .gz/.bz2/.xz/.zst), directory, glob, or Hub dataset hf:ORG/NAME@REVISION:SPLIT",
+    )
     val.add_argument(
         "--kind",
         required=True,
@@ -37,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     val.add_argument("--config", type=Path)
     val.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    val.add_argument(
+        "--gx",
+        action="store_true",
+        help="evaluate the expectation suite with Great Expectations, as the pipeline does (slower start)",
+    )
 
     back = sub.add_parser("rollback", help="point the champion alias back at the `previous` version")
     back.add_argument("name", help="registered model name")
@@ -348,6 +356,7 @@ def _validate(args) -> int:
         cfg.model.system_prompt,
         cfg.data.shapes.get(kind),
         train_on=cfg.sft.train_on,
+        suite_engine="gx" if args.gx else "pandas",
     )
     r = checked.report
     if args.format == "json":

@@ -8,7 +8,7 @@ from pathlib import Path
 from data_checks.checks import CheckedData, check_data, check_leakage, dropped_path
 from data_checks.report import reports_json, reports_markdown
 from tunegate.artifacts import DataFile, ModelArtifact, ValidatedData, sha256_dir, sha256_file
-from tunegate.config import DataSection, ValidateSection
+from tunegate.config import DataSection, DataSpec, ValidateSection
 from tunegate.errors import DataValidationError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def validate_data(
             kind: {"read": c.report.rows_read, "valid": len(c.frame), "kept": c.report.rows_valid}
             for kind, c in checked.items()
         },
-        sources={f: _digest(f) for r in reports for f in r.files},
+        # Local files by their sha256; a Hub dataset (its label names the resolved commit) by the sha256
+        # of the Arrow files it loaded.
+        sources={s.file: s.sha256 or _digest(s.file) for r in reports for s in r.sources},
         report_json=str(json_path),
         report_markdown=str(md_path),
         warnings=sum(len(r.warnings) for r in reports),
@@ -93,14 +95,16 @@ def validate_data(
 def check_kind(
     cfg: ValidateSection,
     kind: str,
-    spec: str,
+    spec: DataSpec,
     tokenizer,
     system_prompt: str | None = None,
     shape: str | None = None,
     out_path: Path | None = None,
     train_on: str = "all_assistant",
+    suite_engine: str = "gx",
 ) -> CheckedData:
-    """Run every single-file check for one data kind with the settings of `cfg` (also `tunegate validate`)."""
+    """Run every single-file check for one data kind with the settings of `cfg` (also `tunegate validate`,
+    which evaluates the expectation suite with pandas unless asked for GX: `suite_engine`)."""
     return check_data(
         kind,
         spec,
@@ -116,6 +120,8 @@ def check_kind(
         out_path=out_path,
         workers=cfg.workers,
         train_on=train_on,
+        max_dropped_fraction=cfg.max_dropped_fraction,
+        suite_engine=suite_engine,
     )
 
 
@@ -126,9 +132,35 @@ def _digest(path: str | Path) -> str:
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
     """The model's tokenizer, with `chat_template` (the record's `model.chat_template`) instead of its
     own when given."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = _from_pretrained(path, trust_remote_code)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _from_pretrained(path: str, trust_remote_code: bool):
+    """AutoTokenizer's tokenizer. When tokenizer_config.json names the generic fast tokenizer
+    (`TokenizersBackend`, alias `PreTrainedTokenizerFast`; SmolLM2's does) and ships no code, that is
+    the class AutoTokenizer picks, so it is loaded directly: AutoTokenizer's module imports torch,
+    about 2 s and 200 MB of `tunegate validate`'s start-up."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    plain = (
+        config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+        and "auto_map" not in config
+        and (Path(path) / "tokenizer.json").is_file()
+    )
+    if plain and not trust_remote_code:
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # another transformers layout: AutoTokenizer knows
+            pass
+        else:
+            return TokenizersBackend.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

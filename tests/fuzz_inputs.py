@@ -8,6 +8,7 @@ names where it is).
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from data_checks.checks import CheckSettings, ChunkResult, _check_chunk
 from data_checks.readers import iter_chunks
 
 KINDS = ("sft", "preferences", "prompts", "eval")
-FORMATS = ("jsonl", "json", "csv", "parquet")
+FORMATS = ("jsonl", "json", "csv", "parquet", "jsonl.gz", "json.gz")
 # The names the shape detector and normalisers look for: fuzzing near them reaches deep code.
 KEYS = [
     "messages",
@@ -140,12 +141,25 @@ jsonl_lines = st.lists(
 
 @st.composite
 def files(draw, fmt: str) -> bytes | list[dict[str, Any]]:
-    """The content of one file in `fmt`: bytes, or for parquet the records to write."""
+    """The content of one file in `fmt`: bytes, or for parquet the records to write. Compressed formats
+    hold the same content gzipped, now and then cut short."""
+    if fmt.endswith(".gz"):
+        raw = gzip.compress(draw(files(fmt.removesuffix(".gz"))), mtime=0)
+        return raw[: draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw
     if fmt == "jsonl":
         return b"\n".join(draw(jsonl_lines)) + draw(st.sampled_from([b"", b"\n", b"\r\n"]))
     if fmt == "json":
-        top = draw(st.one_of(st.lists(records, max_size=6), _value))
-        raw = json.dumps(top, allow_nan=True).encode()
+        top = draw(
+            st.one_of(
+                st.lists(records, max_size=6),
+                records,  # one row
+                st.dictionaries(
+                    st.sampled_from(["data", "rows", "messages"]), st.lists(records, max_size=3), max_size=2
+                ),
+                _value,
+            )
+        )
+        raw = json.dumps(top, allow_nan=True, indent=draw(st.sampled_from([None, 1]))).encode()
         return raw[: draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw  # maybe truncated
     if fmt == "csv":
         header = draw(st.lists(st.sampled_from(KEYS) | _text, min_size=0, max_size=4))

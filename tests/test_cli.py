@@ -44,6 +44,25 @@ def test_validate_exit_codes(tmp_path, tiny_model, data_dir, capsys):
     assert "did you mean 'max_steps'" in capsys.readouterr().err
 
 
+def test_validate_command_imports_neither_torch_nor_great_expectations(tmp_path, tiny_model, data_dir):
+    """What kept `tunegate validate` at 11-19 s: the suite is evaluated with pandas unless --gx, and a
+    plain fast tokenizer loads without AutoTokenizer (whose module imports torch)."""
+    cfg = _config_file(tmp_path, tiny_model, data_dir)
+    probe = (
+        "import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+        "print('HEAVY', sorted(m for m in ('torch', 'great_expectations') if m in sys.modules)); sys.exit(rc)"
+    )
+    gz = "tests/assets/sft.jsonl.gz"
+    out = subprocess.run(
+        [sys.executable, "-c", probe, "validate", gz, "--kind", "sft", "--config", cfg],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert f"source {gz}: JSON Lines, gzip, 5 rows; shape messages" in out.stdout
+
+
 def test_config_command_prints_resolved_yaml(capsys):
     assert main(["config", "--config", "configs/demo.yaml", "sft.max_steps=7"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)

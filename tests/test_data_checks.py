@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data_checks.checks import check_data
 from data_checks.formats import RowError, normalise
@@ -59,7 +61,7 @@ def test_demo_data_passes(kind, data_dir, tiny_model):
         ("pref_identical.jsonl", "preferences", "schema and roles", ":1", "identical"),
         ("sft_mixed_shapes.jsonl", "sft", "one shape per split", ":2", "mixed shapes"),
         ("sft_array_line.jsonl", "sft", "file parses", ":1", "must hold a JSON object"),
-        ("sft_json_not_list.json", "sft", "file parses", "", "list of objects"),
+        ("sft_json_not_list.json", "sft", "file parses", ":1", "list of objects"),
         ("sft_missing_content.jsonl", "sft", "schema and roles", ":1", "`role` and `content`"),
         ("sft_messages_not_list.jsonl", "sft", "schema and roles", ":1", "non-empty list of messages"),
         ("sft_no_user.jsonl", "sft", "schema and roles", ":1", "answers no user turn"),
@@ -106,6 +108,24 @@ def test_demo_data_passes(kind, data_dir, tiny_model):
         # RL prompts may carry eval checks (verifiable rewards): checked as eval rows are.
         ("prompts_bad_regex.jsonl", "prompts", "schema and roles", ":2", "`regex` does not compile"),
         ("prompts_bad_json_schema.jsonl", "prompts", "schema and roles", ":2", "not a valid JSON Schema"),
+        # Public formats, each broken one way.
+        (
+            "sft_image_part.jsonl",
+            "sft",
+            "schema and roles",
+            ":2",
+            "messages[0].content[1] is an image (`image_url` part): images are not supported for text models",
+        ),
+        ("pref_kto_unpaired.jsonl", "preferences", "schema and roles", ":1", "align.method has no `kto` yet"),
+        ("pref_hh_not_alternating.jsonl", "preferences", "schema and roles", ":2", "turn 2 is `Human:`"),
+        ("pref_hh_no_markers.jsonl", "preferences", "schema and roles", ":2", "without hh-rlhf `Human:`"),
+        (
+            "pref_llamafactory_prompt_ends_with_gpt.json",
+            "preferences",
+            "schema and roles",
+            ":19",
+            "must end with a human turn",
+        ),
     ],
 )
 def test_broken_fixture_is_reported_with_location(fixture, kind, check, where, text):
@@ -239,9 +259,9 @@ def test_bad_sharegpt_role_names_the_fix():
 @pytest.mark.parametrize("fmt", ["json", "parquet", "csv", "hf"])
 def test_other_file_formats_read_the_same_rows(fmt, data_dir, tmp_path):
     rows = [json.loads(line) for line in open(data_dir / "sft.jsonl")][:30]
-    if fmt == "json":
+    if fmt == "json":  # one element per line, after the opening bracket
         path = tmp_path / "sft.json"
-        path.write_text(json.dumps(rows))
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
     elif fmt == "parquet":
         path = tmp_path / "sft.parquet"
         pd.DataFrame(rows).to_parquet(path)
@@ -258,7 +278,8 @@ def test_other_file_formats_read_the_same_rows(fmt, data_dir, tmp_path):
     assert [r["completion"][0]["content"] for r in checked.rows] == [
         r["messages"][-1]["content"] for r in rows
     ]
-    assert checked.rows[4]["_where"].endswith(":5")
+    # Text formats give the line where the row starts; tables name the data row.
+    assert checked.rows[4]["_where"].endswith(":6" if fmt == "json" else ":row 5")
 
 
 def test_glob_reads_several_files(data_dir, tmp_path):
@@ -363,7 +384,7 @@ def test_a_list_of_files_is_one_split(data_dir, tmp_path):
     pd.DataFrame([json.loads(x) for x in lines[10:15]]).to_parquet(tmp_path / "b.parquet")
     checked = run("sft", [str(tmp_path / "b.parquet"), str(tmp_path / "a.jsonl")])
     assert checked.report.files == [str(tmp_path / "b.parquet"), str(tmp_path / "a.jsonl")]
-    assert [r["_where"].rsplit("/", 1)[1] for r in checked.rows][:2] == ["b.parquet:1", "b.parquet:2"]
+    assert [r["_where"].rsplit("/", 1)[1] for r in checked.rows][:2] == ["b.parquet:row 1", "b.parquet:row 2"]
     assert len(checked.rows) == 15
 
 
@@ -388,3 +409,224 @@ def test_rows_the_chat_template_refuses_are_schema_errors(tmp_path, tiny_model):
         and "System role not supported" in finding.samples[0].value
     )
     assert checked.report.rows_valid == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public formats (tests/assets), the report's precision, the suite's engines, start-up cost
+
+ASSETS = Path(__file__).parent / "assets"
+HELLO = "Hey there, pet pal! The Pup plan costs $9 per month. Wag on! - Brightpaw Care Crew"
+
+
+@pytest.mark.parametrize(
+    ("asset", "shape", "prompt"),
+    [
+        (
+            "pref_llamafactory.json",
+            "preference_sharegpt",
+            [
+                {"role": "system", "content": "You are Brightpaw's support assistant."},
+                {"role": "user", "content": "What does the Pup plan cost?"},
+            ],
+        ),
+        (
+            "pref_llamafactory_alpaca.json",
+            "preference_alpaca",
+            [{"role": "user", "content": "What does the Pup plan cost?"}],
+        ),
+        (
+            "pref_hh_rlhf.jsonl",
+            "hh_rlhf",
+            [
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "What does the Pup plan cost?"},
+            ],
+        ),
+    ],
+)
+def test_public_preference_formats_map_to_the_explicit_shape(asset, shape, prompt):
+    checked = run("preferences", ASSETS / asset)
+    assert checked.report.passed, checked.report.to_text()
+    assert checked.report.sources[0].shapes == {shape: 5}
+    first = checked.rows[0]
+    assert first["prompt"] == prompt
+    assert first["chosen"] == [{"role": "assistant", "content": HELLO}]
+    assert first["rejected"][0]["role"] == "assistant" and first["rejected"][0]["content"] != HELLO
+
+
+def test_trl_string_form_with_transcript_markers_passes_with_a_warning():
+    report = run("preferences", ASSETS / "pref_trl_strings_with_markers.jsonl").report
+    assert report.passed
+    warning = {w.check: w for w in report.warnings}["transcript markers"]
+    assert warning.count == 5 and warning.samples[0].where.endswith("pref_trl_strings_with_markers.jsonl:1")
+    assert warning.samples[0].value == "`prompt` holds Human:/Assistant: markers"
+    assert "drop `prompt`" in warning.fix
+
+
+def test_openai_content_parts_are_flattened_to_text():
+    checked = run("sft", ASSETS / "sft_content_parts.jsonl")
+    assert checked.report.passed, checked.report.to_text()
+    assert checked.rows[0]["completion"] == [{"role": "assistant", "content": HELLO}]
+
+
+def test_ignored_columns_are_listed_and_those_that_change_meaning_warned():
+    report = run("sft", ASSETS / "sft_sharegpt_label_images.jsonl").report
+    assert report.passed
+    assert report.sources[0].ignored == {"label": 5, "id": 5, "images": 1}
+    warning = {w.check: w for w in report.warnings}["ignored columns"]
+    assert warning.count == 6 and "`label` (rows train whatever their label says) ×5" in warning.message
+    assert [s.value.split(" ")[0] for s in warning.samples[:3]] == ["`label`", "`label`", "`images`"]
+    assert warning.samples[2].where.endswith("sft_sharegpt_label_images.jsonl:2")
+
+
+def test_tools_are_ignored_with_a_warning_where_the_shape_has_no_tool_support(tmp_path):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Add", "input": "2+2", "output": "4", "tools": tools}) + "\n")
+    warning = {w.check: w for w in run("sft", path).report.warnings}["ignored columns"]
+    assert "`tools` (the tool specs are not rendered: this shape has no tool support)" in warning.message
+
+
+def test_report_names_the_detected_shape_and_mapping_per_file():
+    report = run("sft", [str(ASSETS / "sft.jsonl.gz"), str(ASSETS / "sft_wrapper.json")]).report
+    assert [(s.format, s.shapes) for s in report.sources] == [
+        ("JSON Lines, gzip", {"messages": 5}),
+        ("JSON", {"messages": 5}),
+    ]
+    text = report.to_text()
+    assert f"source {ASSETS / 'sft.jsonl.gz'}: JSON Lines, gzip, 5 rows; shape messages (messages →" in text
+    assert "shape messages" in report.to_markdown()
+
+
+def test_numbers_code_and_reserved_addresses_are_not_personal_data():
+    report = run("sft", ASSETS / "sft_numbers_not_pii.jsonl", pii_policy="block").report
+    assert report.passed, report.to_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("call (212) 736-5001 now", "phone number"),
+        ("my cell is 212-736-5001.", "phone number"),
+        ("reach me on +14158672291", "phone number"),
+        ("ratio 0.3571428571", None),
+        ("id = 12345678901234", None),
+        ("at 1700000000 seconds", None),
+        ("555-0142 is fictional", None),
+        ("write to ana@mailbox.org", "email address"),
+        ("write to ana@example.com or bo@shop.example.net", None),
+        ("or to ops@host.test, qa@x.invalid, me@docs.example", None),
+        ("ana@example.com and then bo@realmail.io", "email address"),
+    ],
+)
+def test_personal_data_detectors(text, found):
+    from data_checks.checks import TALLIES, Tally, _scan
+
+    tallies = {name: Tally() for name in TALLIES}
+    _scan(text, "f:1", tallies, 5)
+    assert list(tallies["pii"].causes) == ([found] if found else [])
+
+
+def _long_and_short(path: Path, n_short: int, n_long: int) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}"}, {"role": "assistant", "content": "ok"}]}
+        for i in range(n_short)
+    ] + [
+        {
+            "messages": [
+                {"role": "user", "content": f"Long {i} " + "word " * 300},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for i in range(n_long)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_enough_rows_counts_the_rows_kept_after_length_drops(tmp_path, tiny_model):
+    from tasks.validate import load_tokenizer
+
+    path = _long_and_short(tmp_path / "sft.jsonl", 31, 29)
+    report = run(
+        "sft", path, load_tokenizer(str(tiny_model)), max_length=64, length_policy="drop", min_rows=50
+    ).report
+    assert (report.rows_read, report.rows_valid, report.dropped) == (60, 31, {"too_long": 29})
+    finding = failed(report)["enough rows"]
+    assert finding.message == "31 rows kept (29 more dropped for length), at least 50 required"
+    assert "60 rows read, 31 kept (29 dropped: too_long ×29)" in report.to_text()
+
+
+def test_dropped_fraction_gate_names_the_rule_that_dropped_most(tmp_path, tiny_model):
+    from tasks.validate import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    path = _long_and_short(tmp_path / "sft.jsonl", 143, 57)  # 28.5% too long
+    report = run("sft", path, tok, max_length=64, length_policy="drop", max_dropped_fraction=0.2).report
+    finding = failed(report)["dropped rows"]
+    assert finding.message == (
+        "57 of 200 rows (28.5%) dropped, above validate.max_dropped_fraction=0.2; most by too_long: "
+        "57 rows longer than validate.max_length=64 tokens"
+    )
+    assert finding.samples[0].where.endswith("sft.jsonl:144")
+    assert "raise validate.max_dropped_fraction" in finding.fix
+    assert run("sft", path, tok, max_length=64, length_policy="drop", max_dropped_fraction=0.3).report.passed
+
+
+def test_fix_texts_fit_the_policy_in_force(tmp_path, tiny_model):
+    from tasks.validate import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    path = _long_and_short(tmp_path / "sft.jsonl", 9, 1)
+    dropped = {w.check: w for w in run("sft", path, tok, max_length=64, length_policy="drop").report.warnings}
+    assert (
+        "length_policy" not in dropped["length"].fix and "raise validate.max_length" in dropped["length"].fix
+    )
+    fail = failed(run("sft", path, tok, max_length=64, length_policy="fail").report)["length"]
+    assert "set validate.length_policy=drop" in fail.fix
+    email = BAD / "sft_email.jsonl"
+    warn = run("sft", email, pii_policy="warn").report.warnings[0]
+    assert "pii_policy=block" in warn.fix and "pii_policy=warn" not in warn.fix
+    assert "pii_policy=warn" in failed(run("sft", email, pii_policy="block").report)["personal data"].fix
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hashes=st.lists(st.integers(0, 5), max_size=12),
+    shapes=st.lists(st.sampled_from(["messages", "sharegpt"]), min_size=12, max_size=12),
+    tokens=st.lists(st.integers(0, 100), min_size=12, max_size=12),
+    min_rows=st.integers(0, 8),
+    max_dup=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+)
+def test_pandas_and_gx_engines_give_the_same_verdicts(hashes, shapes, tokens, min_rows, max_dup):
+    from data_checks.suites import run_suite
+
+    n = len(hashes)
+    frame = pd.DataFrame(
+        {
+            "norm_hash": pd.Series(hashes, dtype="int64"),
+            "shape": pd.Categorical(shapes[:n], categories=["messages", "sharegpt"]),
+            "n_tokens": pd.Series(tokens[:n], dtype="int32"),
+        }
+    )
+    args = {"min_rows": min_rows, "max_tokens": 50, "max_duplicate_fraction": max_dup}
+    gx = run_suite("sft", frame, **args, engine="gx")
+    fast = run_suite("sft", frame, **args, engine="pandas")
+    assert {k: (o.success, o.unexpected_count) for k, o in gx.items()} == {
+        k: (o.success, o.unexpected_count) for k, o in fast.items()
+    }
+
+
+def test_plain_fast_tokenizer_loads_without_autotokenizer_and_tokenizes_the_same(tiny_model, data_dir):
+    from transformers import AutoTokenizer
+
+    from tasks.validate import load_tokenizer
+
+    fast, auto = load_tokenizer(str(tiny_model)), AutoTokenizer.from_pretrained(tiny_model)
+    assert type(fast) is type(auto)
+    rows = [json.loads(line)["messages"] for line in (data_dir / "sft.jsonl").read_text().splitlines()[:20]]
+    assert fast.apply_chat_template(rows, tokenize=False) == auto.apply_chat_template(rows, tokenize=False)
+    texts = [m["content"] for r in rows for m in r]
+    assert fast(texts)["input_ids"] == auto(texts)["input_ids"]
+    assert (fast.eos_token, fast.pad_token) == (auto.eos_token, auto.pad_token)

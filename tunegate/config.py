@@ -135,24 +135,49 @@ class ModelSection(Section):
 # The row shapes the readers detect, per data kind (data_checks/formats.py maps each to TRL's format).
 SHAPES: dict[str, tuple[str, ...]] = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
-    "preferences": ("preference_explicit", "preference_implicit"),
+    "preferences": (
+        "preference_explicit",
+        "preference_implicit",
+        "preference_sharegpt",
+        "preference_alpaca",
+        "hh_rlhf",
+    ),
     "prompts": ("prompt_only", "messages"),
     "eval": ("eval_prompt",),
 }
 
 
+class HubDataset(Section):
+    """A dataset split on the Hugging Face Hub (text form: `hf:ORG/NAME[/CONFIG][@REVISION][:SPLIT]`)."""
+
+    hub_id: str = Field(description="Dataset repository, e.g. `Anthropic/hh-rlhf`.")
+    config: str | None = Field(None, description="Configuration (subset) name, when the dataset has several.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(
+        None,
+        description=(
+            "Commit sha, tag or branch. Pin a commit sha so reruns read the same rows; unpinned reads "
+            "`main`, and validation records the commit it resolved to."
+        ),
+    )
+
+
+DataSpec = str | HubDataset | list[str | HubDataset]
+
+
 class DataSection(Section):
-    # Each kind: a file, a directory, a glob, or a list of those (JSONL, JSON, Parquet, CSV, or a
-    # `save_to_disk` dataset directory). A run reads only the kinds its stages need (see align.method).
-    sft: str | list[str] = Field("data/generated/sft.jsonl", description="SFT conversations.")
-    preferences: str | list[str] | None = Field(
+    # Each kind: a file, a directory, a glob, a Hub dataset, or a list of those (JSONL, JSON, Parquet,
+    # CSV, compressed .gz/.bz2/.xz/.zst, `save_to_disk` directories; data_checks/readers.py). A run reads
+    # only the kinds its stages need (see align.method).
+    sft: DataSpec = Field("data/generated/sft.jsonl", description="SFT conversations.")
+    preferences: DataSpec | None = Field(
         "data/generated/preferences.jsonl",
         description="Preference pairs (prompt, chosen, rejected): the reward model (grpo, rloo) and dpo.",
     )
-    prompts: str | list[str] | None = Field(
+    prompts: DataSpec | None = Field(
         "data/generated/prompts.jsonl", description="Prompts for online RL (grpo, rloo)."
     )
-    eval: str | list[str] = Field(
+    eval: DataSpec = Field(
         "data/generated/eval.jsonl", description="Held-out eval prompts with checkable answers."
     )
     shapes: dict[Literal["sft", "preferences", "prompts", "eval"], str] = Field(
@@ -160,7 +185,8 @@ class DataSection(Section):
         description=(
             "Force a row shape per kind instead of detecting it, e.g. {sft: alpaca}. Shapes: sft: "
             "messages, sharegpt, alpaca, prompt_completion; preferences: preference_explicit, "
-            "preference_implicit; prompts: prompt_only, messages; eval: eval_prompt."
+            "preference_implicit, preference_sharegpt, preference_alpaca, hh_rlhf; prompts: "
+            "prompt_only, messages; eval: eval_prompt."
         ),
     )
 
@@ -196,6 +222,15 @@ class ValidateSection(Section):
     sample_rows: int = Field(5, ge=1, le=100, description="Sample locations shown per failed check.")
     workers: int = Field(
         0, ge=0, description="Processes that check data; 0 = one per core for inputs over 16 MiB, else one."
+    )
+    max_dropped_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description=(
+            "Largest share of a kind's rows read that policies may drop (e.g. length_policy=drop) before "
+            "the data fails, naming the rule that dropped most."
+        ),
     )
 
 
