@@ -43,10 +43,16 @@ def expectations(
             "expect_column_proportion_of_unique_values_to_be_between",
             {"column": "norm_hash", "min_value": 1.0 - max_duplicate_fraction},
         ),
-        "single_shape": ("expect_column_unique_value_count_to_be_between", {"column": "shape", "max_value": 1}),
+        "single_shape": (
+            "expect_column_unique_value_count_to_be_between",
+            {"column": "shape", "max_value": 1},
+        ),
     }
     if max_tokens is not None:
-        suite["length"] = ("expect_column_values_to_be_between", {"column": "n_tokens", "max_value": max_tokens})
+        suite["length"] = (
+            "expect_column_values_to_be_between",
+            {"column": "n_tokens", "max_value": max_tokens},
+        )
     return suite
 
 
