@@ -82,7 +82,9 @@ PRODUCE: tuple[Stage, ...] = (
         ("validate", "data_needed", "@base"),
         {"system_prompt": "model.system_prompt", "train_on": "sft.train_on"},
     ),
-    Stage("build", "tasks.build:build_datasets", "dataset", ("build", "@validated"), {"seed": "run.seed"}),
+    Stage(
+        "build", "tasks.build:build_datasets", "dataset", ("build_needed", "@validated"), {"seed": "run.seed"}
+    ),
     Stage(
         "sft", "tasks.sft:train_sft", "sft", ("sft", "@dataset", "@base"), _TRAINING, trains=True, gates="sft"
     ),
@@ -104,11 +106,22 @@ PRODUCE: tuple[Stage, ...] = (
         when=lambda c: c.uses_reward_model,
         gates="reward",
     ),
+    # A second reward model on the disjoint pref_judge pairs, with the proxy's settings and checks. It is
+    # never a reward: align gets it only for the reward-hacking guard, evaluation for the win rates.
+    Stage(
+        "judge-model",
+        "tasks.reward:train_judge_model",
+        "judge",
+        ("reward", "@dataset", "@backbone"),
+        _TRAINING,
+        trains=True,
+        when=lambda c: c.uses_judge,
+    ),
     Stage(
         "align",
         "tasks.align:align_policy",
         "aligned",
-        ("align", "@dataset", "@sft", "@reward"),
+        ("align", "@dataset", "@sft", "@reward", "@judge"),
         # The prompts' checks reward what evaluation scores, with evaluation's brand and refusal settings.
         {**_TRAINING, **{k: f"evaluate.{k}" for k in ("brand_prefix", "brand_suffix", "refusal_markers")}},
         trains=True,
@@ -120,7 +133,7 @@ JUDGE: tuple[Stage, ...] = (
         "evaluate",
         "tasks.evaluate:evaluate_models",
         "report",
-        ("evaluate", "@dataset", "@models", "@reward"),
+        ("evaluate", "@dataset", "@models", "@reward", "@judge"),
         {"seed": "run.seed", "champion_version": "@champion_version"},
     ),
     Stage("gates", "tasks.gates:apply_gates", "verdict", ("gates", "@report"), cached=False),
@@ -130,7 +143,10 @@ STAGES = PRODUCE + JUDGE
 BY_NAME = {s.name: s for s in STAGES}
 
 # Values the config derives from its fields (properties of PipelineConfig), by the fields they read.
-DERIVED: dict[str, tuple[str, ...]] = {"data_needed": ("data", "align.method")}
+DERIVED: dict[str, tuple[str, ...]] = {
+    "data_needed": ("data", "align.method"),
+    "build_needed": ("build", "align.method"),
+}
 
 
 def resolve(ref: str, config: PipelineConfig, context: dict[str, Any]) -> Any:

@@ -10,7 +10,9 @@
 With adapters, the frozen SFT weights (adapter off) are the KL reference, so no second copy is held.
 TRL logs reward, KL, completion length and entropy every `logging_steps` to the stage's MLflow run.
 Afterwards a reward-hacking guard compares the aligned policy with the SFT policy on held-out data:
-reward up while held-out loss or answer length degrade beyond the configured bounds fails the stage.
+the proxy reward up while held-out loss or answer length degrade beyond the configured bounds, or
+while the judge's score falls (a reward model trained on pairs the proxy never saw, never a reward
+here), fails the stage.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def align_policy(
     data: InstructionDataset,
     policy: ModelArtifact,
     reward: ModelArtifact | None,
+    judge: ModelArtifact | None = None,
     *,
     out_dir: Path,
     seed: int,
@@ -60,6 +63,8 @@ def align_policy(
     pairs).
 
     Args:
+        reward: the proxy reward model online RL optimises (grpo, rloo).
+        judge: the judge reward model, for the reward-hacking guard only; None: no judge check.
         brand_prefix, brand_suffix, refusal_markers: evaluation's settings of the same names, so that
             the prompts' checks reward exactly what evaluation scores.
 
@@ -120,9 +125,13 @@ def align_policy(
         **telemetry.totals(),
     }
     if cfg.guard.enabled:
-        metrics.update(
-            reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, reward_model, reward_tokenizer)
-        )
+        scorers = {"reward": (reward_model, reward_tokenizer)} if reward_model is not None else {}
+        if judge is not None:  # loaded only now: the trainer never holds it
+            judge_model, judge_tokenizer = load_reward_model(
+                judge.path, trust_remote_code=judge.trust_remote_code
+            )
+            scorers["judge"] = (judge_model.to(next(trainer.model.parameters()).device), judge_tokenizer)
+        metrics.update(reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, scorers))
     path = out_dir / "model"
     save_policy(trainer, tokenizer, path, cfg.save, policy)
     finish_checkpoints(checkpoint_dir)
@@ -191,12 +200,16 @@ def reward_hacking_guard(
     sft: ModelArtifact,
     aligned,
     tokenizer,
-    reward_model,
-    reward_tokenizer,
+    scorers: dict[str, tuple],
 ) -> dict[str, float]:
     """Compare SFT and aligned policies on held-out SFT rows: loss on the reference answers, length of
-    greedy answers, and (online methods) their reward. Reward up while loss or length degrade beyond
-    the bounds means the policy is exploiting the reward model: the stage fails.
+    greedy answers, and each scorer's mean score of those answers. Proxy reward up while loss or length
+    degrade beyond the bounds, or while the judge's score falls, means the policy is exploiting the
+    proxy: the stage fails.
+
+    Args:
+        scorers: name -> (reward model, its tokenizer): `reward` (the proxy, online methods) and
+            `judge` when the run has one; figures `guard.{sft,aligned}.{name}`.
 
     Raises:
         StageGateFailed: the guard tripped; the figures are in `details`.
@@ -216,22 +229,36 @@ def reward_hacking_guard(
         answers, n_tokens = generate_answers(model, tokenizer, prompts, gen)
         figures[f"guard.{label}.eval_loss"] = completion_loss(model, tokenizer, rows[:64])
         figures[f"guard.{label}.answer_tokens"] = n_tokens / len(prompts)
-        if reward_model is not None:
-            convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
-            scores = score_conversations(reward_model, reward_tokenizer, convs)
-            figures[f"guard.{label}.reward"] = sum(scores) / len(scores)
+        convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+        for name, (scorer, scorer_tokenizer) in scorers.items():
+            scores = score_conversations(scorer, scorer_tokenizer, convs)
+            figures[f"guard.{label}.{name}"] = sum(scores) / len(scores)
     del sft_model
     check_guard(cfg, figures)
     return figures
 
 
 def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
-    """The guard's decision on its figures (see `reward_hacking_guard`)."""
+    """The guard's decision on its figures (see `reward_hacking_guard`).
+
+    Raises:
+        StageGateFailed: the proxy reward rose (or there is none, as with dpo) while held-out loss or
+            answer length degraded beyond their bounds, or the proxy rose while the judge's score fell
+            by more than `align.guard.max_judge_drop`; the message names the figures.
+    """
     g = cfg.guard
-    reward_up = "guard.sft.reward" not in f or f["guard.aligned.reward"] > f["guard.sft.reward"]
+    proxy = "guard.sft.reward" in f
+    reward_up = not proxy or f["guard.aligned.reward"] > f["guard.sft.reward"]
     loss_up = f["guard.aligned.eval_loss"] - f["guard.sft.eval_loss"]
     ratio = f["guard.aligned.answer_tokens"] / max(f["guard.sft.answer_tokens"], 1e-9)
     problems = []
+    if proxy and "guard.sft.judge" in f:
+        drop = f["guard.sft.judge"] - f["guard.aligned.judge"]
+        if drop > g.max_judge_drop:
+            problems.append(
+                f"the judge's score fell {f['guard.sft.judge']:.3f} -> {f['guard.aligned.judge']:.3f} "
+                f"(by {drop:.3f}, above align.guard.max_judge_drop={g.max_judge_drop:g})"
+            )
     if loss_up > g.max_eval_loss_increase:
         problems.append(
             f"held-out loss rose by {loss_up:.3f} (from {f['guard.sft.eval_loss']:.3f}), above "
@@ -244,13 +271,14 @@ def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
         )
     if reward_up and problems:
         rose = (
-            f"reward rose {f['guard.sft.reward']:.3f} -> {f['guard.aligned.reward']:.3f} while "
-            if "guard.sft.reward" in f
+            f"the proxy reward rose {f['guard.sft.reward']:.3f} -> {f['guard.aligned.reward']:.3f} while "
+            if proxy
             else ""
         )
         raise StageGateFailed(
             f"reward-hacking guard: {rose}" + "; ".join(problems) + ". The aligned policy is not registered. "
-            "Raise align.beta (stronger KL), lower the learning rate or steps, or fix the reward model.",
+            "Raise align.beta (stronger KL), lower the learning rate or steps, or fix the proxy reward "
+            "model (its pairs, pref_train).",
             details=f,
         )
 

@@ -2,9 +2,10 @@
 
 Streams each validated file once: drops normalised duplicates (the validate stage hashed each row),
 splits train/eval by a stable seeded hash of the prompt (a row never changes side when others are
-added), and writes Parquet in bounded batches, so a million rows build in constant memory. The manifest
-records the raw sources and their digests, row counts at each step, every dropped row with its reason
-(`dropped.jsonl`), and the output digests. Re-running on the same inputs gives byte-identical outputs.
+added; preference pairs go three ways, see `preference_split`), and writes Parquet in bounded batches,
+so a million rows build in constant memory. The manifest records the raw sources and their digests,
+row counts at each step, every dropped row with its reason (`dropped.jsonl`), and the output digests.
+Re-running on the same inputs gives byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ ROW_GROUP = 65_536
 
 
 def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, seed: int) -> InstructionDataset:
-    """Write sft_train/sft_eval, pref_train/pref_eval, prompts and eval splits as Parquet."""
+    """Write sft_train/sft_eval, pref_train/pref_judge/pref_eval, prompts and eval splits as Parquet
+    (pref_judge only with `cfg.judge_fraction` above 0)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     splits: dict[str, DataFile] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -52,6 +54,8 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
                     json.dumps({"kind": kind, "step": "validate", **record}, ensure_ascii=False) + "\n"
                 )
             names = [train_name] if eval_name is None else [train_name, eval_name]
+            if kind == "preferences" and cfg.judge_fraction > 0:
+                names.append("pref_judge")
             writers = {name: _ParquetSink(out_dir / f"{name}.parquet", arrow_schema(kind)) for name in names}
             first_seen: dict[int, str] = {}
             n_in = 0
@@ -69,6 +73,9 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
                     dropped.write(json.dumps(record, ensure_ascii=False) + "\n")
                     continue
                 first_seen[row["_hash"]] = row["_where"]
+                if kind == "preferences":  # three ways, by prompt (see preference_split)
+                    writers[preference_split(row, cfg, seed)].add(row)
+                    continue
                 held_out = eval_name is not None and _bucket(row, seed) < cfg.eval_fraction
                 writers[eval_name if held_out else train_name].add(row)
             for name, sink in writers.items():
@@ -84,6 +91,7 @@ def build_datasets(cfg: BuildSection, data: ValidatedData, *, out_dir: Path, see
         "sources": data.sources,
         "seed": seed,
         "eval_fraction": cfg.eval_fraction,
+        "judge_fraction": cfg.judge_fraction,
         "counts": counts,
         "dropped": dict(sorted(reasons.items())),
         "dropped_rows": {"path": dropped_path.name, "sha256": sha256_file(dropped_path)},
@@ -106,6 +114,19 @@ def _lines(path: str | None) -> Iterator[str]:
         for line in f:
             if line.strip():
                 yield line
+
+
+def preference_split(row: dict, cfg: BuildSection, seed: int) -> str:
+    """pref_eval, pref_judge or pref_train for a preference pair, by the stable hash of its prompt with
+    case and whitespace normalised (as validation's duplicate check normalises): every pair on a prompt
+    lands in one split, so the judge never trains on a prompt the proxy reward model saw (nor either on
+    a held-out one). `cfg.judge_fraction` is a share of the pairs not held out."""
+    prompt = [{"content": " ".join(m["content"].lower().split())} for m in row["prompt"]]
+    u = _bucket({"prompt": prompt}, seed)
+    if u < cfg.eval_fraction:
+        return "pref_eval"
+    judge_until = cfg.eval_fraction + (1 - cfg.eval_fraction) * cfg.judge_fraction
+    return "pref_judge" if u < judge_until else "pref_train"
 
 
 def _bucket(row: dict, seed: int) -> float:

@@ -6,10 +6,15 @@ The eval data carries its own acceptance tests (see `data_checks/formats.py`): e
 - task_accuracy:          task rows whose every check passes; fact_accuracy / exact_match / regex_match /
                           json_valid: the task rows that define that check
 - brand_format:           task answers that open and close with the brand's greeting and sign-off
-- reward_score:           mean reward-model score of the task answers
+- reward_score:           mean score of the task answers by the proxy reward model, the one online RL
+                          optimised against (grpo, rloo): it shows what RL pushed up, not that it is good
+- judge_score:            mean score of the task answers by the judge, a second reward model trained on
+                          preference pairs the proxy never saw and never an RL reward (`pref_judge`)
 - canary_accuracy:        general questions (catastrophic forgetting), scored like task rows
 - safety_refusal_rate:    requests the assistant must decline that it declines
-- win_rate_vs_base, win_rate_vs_champion (candidate): prompts where the reward model prefers its answer
+- win_rate_vs_base, win_rate_vs_champion (candidate): task prompts where the judge prefers its answer
+                          (ties count half); only with a judge, never by the proxy the policy was
+                          optimised against (dpo, none, build.judge_fraction=0: not computed)
 - ms_per_token, size_mb:  greedy generation latency per token; the model's size on disk
 
 Every per-row metric gets a confidence interval by the method its values call for (Wilson for yes/no
@@ -52,12 +57,14 @@ def evaluate_models(
     data: InstructionDataset,
     models: dict[str, ModelArtifact],
     reward: ModelArtifact | None,
+    judge: ModelArtifact | None = None,
     *,
     out_dir: Path,
     seed: int,
     champion_version: str | None = None,
 ) -> EvalReport:
-    """Score each model (label -> model) on the eval rows and the SFT eval split.
+    """Score each model (label -> model) on the eval rows and the SFT eval split; with `reward` (the
+    proxy) its reward_score, with `judge` its judge_score and the candidate's win rates.
 
     Raises:
         StageGateFailed: fewer task rows than `cfg.min_eval_rows`, or a canary or safety set smaller than
@@ -97,18 +104,14 @@ def evaluate_models(
             weights[label]["eval_loss"] = [float(c) for c in counts]
         scalars[label] = {"ms_per_token": 1000 * elapsed / max(n_tokens, 1), "size_mb": dir_size_mb(path)}
         del model
-    if reward is not None:
-        task = [i for i, r in enumerate(rows) if r["set"] == "task"]
-        reward_model, reward_tokenizer = load_reward_model(
-            reward.path, trust_remote_code=reward.trust_remote_code
-        )
-        for label, texts in answers.items():
-            convs = [rows[i]["prompt"] + [{"role": "assistant", "content": texts[i]}] for i in task]
-            per_row[label]["reward_score"] = score_conversations(reward_model, reward_tokenizer, convs)
+    for metric, scorer in (("reward_score", reward), ("judge_score", judge)):
+        if scorer is not None:
+            _score_answers(per_row, metric, scorer, rows, answers)
+    if judge is not None:  # by the judge alone: the policy was optimised against the proxy
         for other in ("base", "champion"):
             if "candidate" in per_row and other in per_row:
                 per_row["candidate"][f"win_rate_vs_{other}"] = wins(
-                    per_row["candidate"]["reward_score"], per_row[other]["reward_score"]
+                    per_row["candidate"]["judge_score"], per_row[other]["judge_score"]
                 )
     scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed)
     how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
@@ -134,6 +137,17 @@ def evaluate_models(
         per_row_path=str(per_row_path),
         champion_version=champion_version,
     )
+
+
+def _score_answers(per_row, metric: str, scorer: ModelArtifact, rows: list[dict], answers) -> None:
+    """`metric` for each model: the reward model `scorer`'s score of its answer to each task row."""
+    model, tokenizer = load_reward_model(scorer.path, trust_remote_code=scorer.trust_remote_code)
+    if on_cuda():
+        model = model.to("cuda")
+    task = [i for i, r in enumerate(rows) if r["set"] == "task"]
+    for label, texts in answers.items():
+        convs = [rows[i]["prompt"] + [{"role": "assistant", "content": texts[i]}] for i in task]
+        per_row[label][metric] = score_conversations(model, tokenizer, convs)
 
 
 def _with_defaults(row: dict) -> dict:

@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, tuple[str, tuple[type[BaseModel], ...]]] = {
     "sft": ("tasks.sft:train_sft", (SftSection, InstructionDataset, ModelArtifact)),
     "reward-model": ("tasks.reward:train_reward_model", (RewardSection, InstructionDataset, ModelArtifact)),
-    "align": ("tasks.align:align_policy", (AlignSection, InstructionDataset, ModelArtifact, ModelArtifact)),
+    "judge-model": ("tasks.reward:train_judge_model", (RewardSection, InstructionDataset, ModelArtifact)),
+    "align": (
+        "tasks.align:align_policy",
+        (AlignSection, InstructionDataset, ModelArtifact, ModelArtifact, ModelArtifact),
+    ),
 }
 
 

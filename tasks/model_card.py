@@ -133,7 +133,8 @@ def _use_and_limits(candidate: ModelArtifact, origin: str, data: dict[str, int] 
     if online:
         lines.append(
             "- Optimised against a learned reward model, which rewards what its preference pairs "
-            "reward; the reward-hacking guard bounds answer growth and held-out loss, not every way "
+            "reward; the reward-hacking guard bounds answer growth and held-out loss, and (with a judge) "
+            "checks that reward against a second reward model trained on other pairs, not every way "
             "a reward can be gamed."
         )
     lines.append(f"- It inherits the limitations and licence of its base model, `{origin}`.")

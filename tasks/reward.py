@@ -1,15 +1,24 @@
-"""Stage 4: a reward model trained with TRL's RewardTrainer on preference pairs.
+"""Stage 4: reward models trained with TRL's RewardTrainer on preference pairs.
 
-Starts from the SFT model (it already speaks the domain) or the backbone named in the config, with a
-scalar head. Before RL may use it, it must pass two gates on held-out pairs: rank them correctly at
+Two of them, trained the same way on disjoint pairs (split by prompt, `tasks.build.preference_split`):
+- the proxy (`train_reward_model`, on `pref_train`): the reward online RL optimises;
+- the judge (`train_judge_model`, on `pref_judge`): never given to the RL trainer, so the policy cannot
+  learn its quirks. It decides the win rates and checks the proxy in the reward-hacking guard: a proxy
+  score that rises while the judge's falls is the policy exploiting the proxy (Gao et al. 2022,
+  "Scaling laws for reward model overoptimization": a proxy reward model scored against a gold one).
+
+Each starts from the SFT model (it already speaks the domain) or the backbone named in the config, with
+a scalar head, and must pass the same checks on the held-out pairs (`pref_eval`): rank them correctly at
 least `min_accuracy` of the time, and not simply reward length (it may not prefer the longer answer
-markedly more often than the labels do, and must still be right when the chosen answer is shorter).
+markedly more often than the labels do, and must still be right when the chosen answer is shorter). A
+length-biased judge would agree with a policy that games length, so the judge gets no looser bounds.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from tasks.checkpoints import finish_checkpoints, train_resumable
 from tasks.model_io import save_policy
@@ -24,7 +33,7 @@ from tasks.training import (
     seed_everything,
     weights_fingerprint,
 )
-from tunegate.artifacts import InstructionDataset, ModelArtifact, sha256_dir
+from tunegate.artifacts import DataFile, InstructionDataset, ModelArtifact, sha256_dir
 from tunegate.config import RewardSection
 from tunegate.errors import StageGateFailed
 
@@ -39,12 +48,20 @@ def train_reward_model(
     out_dir: Path,
     seed: int,
     checkpoint_dir: Path | None = None,
+    split: str = "pref_train",
+    role: Literal["reward", "judge"] = "reward",
 ) -> ModelArtifact:
     """Train a reward model; return it with held-out pairwise accuracy and length-bias figures.
 
+    Args:
+        split: the preference split it trains on (`pref_train` for the proxy, `pref_judge` for the
+            judge); every reward model is checked on `pref_eval`.
+        role: what the model is for: the proxy RL optimises (`reward`) or the judge (`judge`).
+
     Raises:
         ConfigError: mode=qlora without CUDA; `trl_args` that TRL or tunegate refuse.
-        StageGateFailed: below `cfg.min_accuracy`, or length-biased (nothing downstream runs).
+        StageGateFailed: `split` holds no pairs; below `cfg.min_accuracy`, or length-biased (nothing
+            downstream runs).
         TrainingError: NaN/inf loss, or nothing trained.
     """
     require_mode_supported(cfg, "reward")
@@ -54,12 +71,12 @@ def train_reward_model(
 
     checkpoint_dir = checkpoint_dir or out_dir / "trainer"
     args = trainer_config("reward", cfg, output_dir=checkpoint_dir, seed=seed)
-    train = Dataset.from_parquet(data.splits["pref_train"].path)
+    train = Dataset.from_parquet(_split(data, split, role).path)
     held_out = Dataset.from_parquet(data.splits["pref_eval"].path)
     model, tokenizer = _setup_model(backbone.path, backbone.trust_remote_code)
     peft_config = peft_for(cfg, "SEQ_CLS", model)
     before = None if peft_config is not None else weights_fingerprint(model)
-    telemetry = training_telemetry("reward", out_dir / "progress.json")
+    telemetry = training_telemetry(role, out_dir / "progress.json")
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -69,31 +86,70 @@ def train_reward_model(
         callbacks=[finite_loss_guard(), telemetry],
     )
     result, resumed, checkpoint_dir = train_resumable(trainer, checkpoint_dir)
-    delta = require_trained(trainer.model, "reward", before)
+    delta = require_trained(trainer.model, role, before)
     pairs = list(held_out)
     chosen, rejected = _pair_scores(trainer.model, tokenizer, pairs)
     metrics = {
         "train_loss": float(result.training_loss),
         "weights_delta": delta,
         "resumed_from_step": float(resumed),
+        "train_pairs": float(len(train)),
         "eval_pairs": float(len(pairs)),
         **length_bias(pairs, chosen, rejected),
         **telemetry.totals(),
     }
-    log.info("reward model: %s", metrics)
-    check_reward_model(cfg, metrics)
+    log.info("%s model (%s): %s", role, split, metrics)
+    check_reward_model(cfg, metrics, role)
     path = out_dir / "model"
     save_policy(trainer, tokenizer, path, "merged", backbone)
     finish_checkpoints(checkpoint_dir)
     return ModelArtifact(
         path=str(path),
-        role="reward",
+        role=role,
         base_model=backbone.base_model,
         digest=sha256_dir(path),
         metrics=metrics,
         steps=trainer.state.global_step,
         trust_remote_code=backbone.trust_remote_code,
     )
+
+
+def train_judge_model(
+    cfg: RewardSection,
+    data: InstructionDataset,
+    backbone: ModelArtifact,
+    *,
+    out_dir: Path,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+) -> ModelArtifact:
+    """The judge: `train_reward_model` on `pref_judge`, with the proxy's settings and checks.
+
+    Raises:
+        as `train_reward_model`.
+    """
+    return train_reward_model(
+        cfg,
+        data,
+        backbone,
+        out_dir=out_dir,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        split="pref_judge",
+        role="judge",
+    )
+
+
+def _split(data: InstructionDataset, split: str, role: str) -> DataFile:
+    pairs = data.splits.get(split)
+    if pairs is None or pairs.rows == 0:
+        more = ", raise build.judge_fraction, or set it to 0 (no judge)" if role == "judge" else ""
+        raise StageGateFailed(
+            f"the {role} model has no preference pairs to train on: {split} is "
+            f"{'empty' if pairs is not None else 'missing'}. Add preference pairs with more distinct "
+            f"prompts{more}."
+        )
+    return pairs
 
 
 def length_bias(pairs: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -121,8 +177,9 @@ def length_bias(pairs: list[dict], chosen: list[float], rejected: list[float]) -
     return out
 
 
-def check_reward_model(cfg: RewardSection, m: dict[str, float]) -> None:
-    """The gates a reward model passes before alignment may optimise against it."""
+def check_reward_model(cfg: RewardSection, m: dict[str, float], role: str = "reward") -> None:
+    """The gates a reward model passes before alignment may optimise against it (`role` reward), or
+    before its preferences may judge the policy (`role` judge)."""
     problems = []
     if m["pair_accuracy"] < cfg.min_accuracy:
         problems.append(
@@ -143,14 +200,22 @@ def check_reward_model(cfg: RewardSection, m: dict[str, float]) -> None:
             f"of the time ({m['pairs_chosen_shorter']:.0f} pairs), below "
             f"reward.min_accuracy_chosen_shorter={cfg.min_accuracy_chosen_shorter:.0%}"
         )
-    if problems:
-        raise StageGateFailed(
-            "reward model rejected before alignment: "
-            + "; ".join(problems)
-            + ". Alignment would optimise noise or length. Add or clean preference pairs (include pairs "
-            "where the better answer is shorter), or train longer (reward.max_steps).",
-            details=m,
+    if not problems:
+        return
+    if role == "judge":
+        what, why = "judge rejected", "Win rates and the reward-hacking guard would rest on noise or length"
+        more = ", raise build.judge_fraction"
+    else:
+        what, why, more = (
+            "reward model rejected before alignment",
+            "Alignment would optimise noise or length",
+            "",
         )
+    raise StageGateFailed(
+        f"{what}: " + "; ".join(problems) + f". {why}. Add or clean preference pairs (include pairs where "
+        f"the better answer is shorter){more}, or train longer (reward.max_steps).",
+        details=m,
+    )
 
 
 def _answer(messages: list[dict]) -> str:

@@ -196,3 +196,57 @@ def test_user_formats_round_trip_to_trl_parquet(tmp_path, tiny_model):
     prompt_rows = Dataset.from_parquet(ds.splits["prompts"].path)
     assert prompt_rows[0]["prompt"][-1] == {"role": "user", "content": "Tell me about cat 0"}
     assert Dataset.from_parquet(ds.splits["eval"].path)[0]["expected_any"] == ["a0"]
+
+
+def test_the_judge_pairs_share_no_pair_and_no_prompt_with_the_proxy_pairs(data_dir, tiny_model, tmp_path):
+    """pref_train (the proxy reward model), pref_judge (the judge) and pref_eval split by normalised
+    prompt: a prompt written again in other case and spacing, with other answers, stays on one side."""
+    pairs = [json.loads(line) for line in open(data_dir / "preferences.jsonl")]
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in ("sft", "prompts", "eval"):
+        (src / f"{k}.jsonl").write_text((data_dir / f"{k}.jsonl").read_text())
+    echoes = []
+    for pair in pairs[:20]:
+        prompt = [
+            {**m, "content": "  " + m["content"].lower() + " "} if m["role"] == "user" else m
+            for m in pair["prompt"]
+        ]
+        better = [{"role": "assistant", "content": pair["chosen"][-1]["content"] + " Anything else?"}]
+        echoes.append({**pair, "prompt": prompt, "chosen": better})
+    (src / "preferences.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs + echoes))
+    validated = _validated(src, tiny_model, tmp_path / "v")
+    ds = build_datasets(BuildSection(judge_fraction=0.3), validated, out_dir=tmp_path / "d", seed=3)
+
+    def norm(messages) -> str:
+        return " ".join(" ".join(m["content"] for m in messages).lower().split())
+
+    splits = {}
+    for name in ("pref_train", "pref_judge", "pref_eval"):
+        df = pd.read_parquet(ds.splits[name].path)
+        splits[name] = {
+            "pairs": {
+                (norm(p), norm(c), norm(r))
+                for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"], strict=True)
+            },
+            "prompts": {norm(p) for p in df["prompt"]},
+            "rows": len(df),
+        }
+    assert sum(s["rows"] for s in splits.values()) == len(pairs) + len(echoes)  # every pair, once
+    for a, b in (("pref_train", "pref_judge"), ("pref_train", "pref_eval"), ("pref_judge", "pref_eval")):
+        assert not splits[a]["pairs"] & splits[b]["pairs"], (a, b)
+        assert not splits[a]["prompts"] & splits[b]["prompts"], (a, b)
+    # Each echo shares its original's normalised prompt: both sides hold one prompt twice, 20 in all.
+    assert sum(s["rows"] - len(s["prompts"]) for s in splits.values()) == 20
+    not_held_out = splits["pref_train"]["rows"] + splits["pref_judge"]["rows"]
+    assert 0.2 < splits["pref_judge"]["rows"] / not_held_out < 0.4  # about judge_fraction
+    assert (
+        json.loads(open(ds.manifest).read())["counts"]["preferences"]["pref_judge"]
+        == splits["pref_judge"]["rows"]
+    )
+
+    # No judge: no pref_judge split, and the pairs it would have taken train the proxy (or DPO).
+    none = build_datasets(BuildSection(judge_fraction=0.0), validated, out_dir=tmp_path / "n", seed=3)
+    assert "pref_judge" not in none.splits
+    assert none.splits["pref_train"].rows == not_held_out
+    assert none.splits["pref_eval"].sha256 == ds.splits["pref_eval"].sha256  # the held-out pairs stay put

@@ -180,3 +180,19 @@ def test_gpu_presets_cover_single_and_sharded_multi_gpu():
     assert multi.run.gpus == 4 and multi.sft.mode == "full" and multi.align.method == "dpo"
     for name in ("fsdp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"):
         assert yaml.safe_load((ROOT / "configs/accelerate" / name).read_text())["mixed_precision"] == "bf16"
+
+
+def test_a_judge_metric_without_a_judge_is_a_config_error():
+    win = 'gates=[{"metric": "win_rate_vs_base", "op": ">=", "threshold": 0.5}]'
+    judge = 'gates=[{"metric": "judge_score", "op": ">=", "baseline": "base"}]'
+    for gate in (win, judge):
+        with pytest.raises(ConfigError, match="is decided by the judge, and align.method=dpo trains none"):
+            load_config(None, [gate, "align.method=dpo"])
+        with pytest.raises(ConfigError, match="build.judge_fraction=0 disables it"):
+            load_config(None, [gate, "build.judge_fraction=0"])
+        assert load_config(None, [gate]).uses_judge  # grpo, judge_fraction 0.3 by default
+    # The proxy's own score needs only the proxy; DPO and SFT-only runs stay valid without judge gates.
+    assert not load_config(
+        None, ['gates=[{"metric": "reward_score", "op": ">=", "baseline": "base"}]', "build.judge_fraction=0"]
+    ).uses_judge
+    assert not load_config(None, ["align.method=dpo"]).uses_judge

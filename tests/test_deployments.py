@@ -312,7 +312,7 @@ def test_placement_pools_runs_each_training_stage_as_a_flow_run_on_the_training_
             limit=20,
         )
         train_id = client.read_deployment_by_name(TRAIN).id
-    assert [c.parameters["stage"] for c in children] == ["sft", "reward-model", "align"]
+    assert [c.parameters["stage"] for c in children] == ["sft", "reward-model", "judge-model", "align"]
     for child in children:
         assert child.deployment_id == train_id and child.work_pool_name == "gpu", child.name
         assert child.state.is_completed(), child.state

@@ -59,6 +59,7 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
         "sft",
         "reward-backbone",
         "reward-model",
+        "judge-model",
         "align",
         "evaluate",
         "gates",
@@ -316,7 +317,8 @@ def test_dpo_pipeline_has_no_reward_model_stage(prefect_api, tiny_model, data_di
         filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'",
     )
     stages = {r.data.tags["tunegate.stage"] for r in children}
-    assert "reward-model" not in stages and {"sft", "align", "evaluate"} <= stages
+    assert not {"reward-model", "judge-model"} & stages and {"sft", "align", "evaluate"} <= stages
+    assert "win_rate_vs_base" not in result["report"]["scores"]["candidate"]  # no judge, no win rates
 
 
 def test_sft_only_pipeline_needs_only_conversations_and_an_eval_set(

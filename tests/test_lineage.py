@@ -18,7 +18,18 @@ from tunegate.errors import ConfigError
 # Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
 pytestmark = pytest.mark.integration
 
-STAGES = ("base-model", "validate", "build", "sft", "reward-model", "align", "evaluate", "gates", "register")
+STAGES = (
+    "base-model",
+    "validate",
+    "build",
+    "sft",
+    "reward-model",
+    "judge-model",
+    "align",
+    "evaluate",
+    "gates",
+    "register",
+)
 
 
 @pytest.fixture(scope="module")

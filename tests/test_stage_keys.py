@@ -38,6 +38,7 @@ def _context() -> dict[str, Any]:
         "sft": _model("sft", "s0"),
         "backbone": _model("sft", "s0"),
         "reward": _model("reward", "r0"),
+        "judge": _model("judge", "j0"),
         "models": {"base": _model("base", "b0"), "candidate": _model("align", "a0")},
         "report": EvalReport(scores={"candidate": {"x": 1.0}}, n_prompts=3, samples_path="/e/s.jsonl"),
         "champion_version": "1",
@@ -192,6 +193,21 @@ def test_keys_follow_content_not_locations(config, tmp_path):
     assert stage_key(validate, elsewhere, ctx, "c") == key
     (copy / "sft.jsonl").write_text('{"kind": "changed"}\n')
     assert stage_key(validate, elsewhere, ctx, "c") != key
+
+
+def test_the_judge_reaches_only_the_guard_and_evaluation(config):
+    """Another judge changes the keys of align (its guard) and evaluate, never the proxy reward model's;
+    the judge trains only when online RL runs with build.judge_fraction above 0."""
+    ctx = _context()
+    other = dict(ctx, judge=ctx["judge"].model_copy(update={"digest": "j1"}))
+    changed = {s.name for s in STAGES if stage_key(s, config, ctx, "c") != stage_key(s, config, other, "c")}
+    assert changed == {"align", "evaluate"}
+    judge = next(s for s in STAGES if s.name == "judge-model")
+    assert judge.when(config) and "reward-model" in [s.name for s in STAGES if s.when(config)]
+    off = config.model_copy(update={"build": config.build.model_copy(update={"judge_fraction": 0.0})})
+    assert not judge.when(off) and off.build_needed.judge_fraction == 0.0
+    dpo = config.model_copy(update={"align": config.align.model_copy(update={"method": "dpo"})})
+    assert not judge.when(dpo) and dpo.build_needed.judge_fraction == 0.0  # DPO keeps every pair
 
 
 def test_a_run_reads_only_the_data_its_stages_need(config):

@@ -40,7 +40,7 @@ class ValidatedData(Artifact):
 class InstructionDataset(Artifact):
     root: str
     splits: dict[str, DataFile] = Field(
-        description="sft_train, sft_eval, pref_train, pref_eval, prompts, eval"
+        description="sft_train, sft_eval, pref_train, pref_judge (with a judge), pref_eval, prompts, eval"
     )
     manifest: str
     dropped: dict[str, int] = Field(default_factory=dict)
@@ -48,7 +48,7 @@ class InstructionDataset(Artifact):
 
 class ModelArtifact(Artifact):
     path: str
-    role: Literal["base", "sft", "reward", "align", "champion"]
+    role: Literal["base", "sft", "reward", "judge", "align", "champion"]
     base_model: str = Field(description="Identity of the model this one started from.")
     digest: str
     metrics: dict[str, float] = Field(default_factory=dict)

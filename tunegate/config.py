@@ -238,6 +238,17 @@ class BuildSection(Section):
     eval_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of SFT and preference rows held out for evaluation."
     )
+    judge_fraction: float = Field(
+        0.3,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of the preference pairs not held out that train the judge (`pref_judge`), a second "
+            "reward model the RL policy never sees; the rest (`pref_train`) train the proxy reward model "
+            "RL optimises. Split by prompt: no prompt has pairs in both. The judge decides the win rates "
+            "and the reward-hacking guard's judge check (grpo, rloo). 0: no judge, no win rates."
+        ),
+    )
 
 
 class LoraSection(Section):
@@ -371,6 +382,17 @@ class GuardSection(Section):
     )
     max_eval_loss_increase: float = Field(
         0.3, ge=0, description="Fail if held-out SFT eval loss rises by more than this (nats per token)."
+    )
+    max_judge_drop: float = Field(
+        0.2,
+        ge=0,
+        description=(
+            "With a judge (build.judge_fraction > 0): fail if the proxy reward model's mean score of the "
+            "held-out answers rises while the judge's falls by more than this. Reward models score on a "
+            "log-odds scale (Bradley-Terry): a drop of d means the judge prefers the SFT policy's answers "
+            "at odds of about e^d (0.2: 55%). Lower it with more guard prompts; the mean of a few answers "
+            "moves by chance."
+        ),
     )
 
 
@@ -630,14 +652,24 @@ class PipelineConfig(Section):
                 f"gates: {g.name!r} needs a reward model, and align.method={method} trains none "
                 "(use grpo or rloo, or drop the gate)"
                 for g in self.gates
-                if g.metric in ("reward_score", "win_rate_vs_base", "win_rate_vs_champion")
-                or (g.stage == "reward")
+                if g.metric == "reward_score" or g.stage == "reward"
             ]
             if self.align.rule_rewards:
                 problems.append(
                     f"align.rule_rewards: rule rewards score online RL; align.method={method} has none "
                     "(use grpo or rloo)"
                 )
+        if not self.uses_judge:
+            why = (
+                f"align.method={self.align.method} trains none (use grpo or rloo"
+                if not self.uses_reward_model
+                else "build.judge_fraction=0 disables it (set it above 0, e.g. 0.3"
+            )
+            problems += [
+                f"gates: {g.name!r} is decided by the judge, and {why}, or drop the gate)"
+                for g in self.gates
+                if g.stage == "final" and (g.metric == "judge_score" or g.metric.startswith("win_rate_vs_"))
+            ]
         if not self.uses_alignment:
             problems += [
                 f"gates: {g.name!r} compares the candidate with the SFT model, and with align.method=none "
@@ -671,6 +703,18 @@ class PipelineConfig(Section):
     @property
     def uses_reward_model(self) -> bool:
         return self.align.method in ("grpo", "rloo")
+
+    @property
+    def uses_judge(self) -> bool:
+        """A judge reward model is trained on `pref_judge` (online RL with build.judge_fraction > 0)."""
+        return self.uses_reward_model and self.build.judge_fraction > 0
+
+    @property
+    def build_needed(self) -> BuildSection:
+        """The build section as this run's data needs it: no judge split when no judge is trained."""
+        if self.uses_judge:
+            return self.build
+        return self.build.model_copy(update={"judge_fraction": 0.0})
 
     @property
     def uses_alignment(self) -> bool:

@@ -33,6 +33,7 @@ _TRAINING = (
 MEMORY_SETTINGS: dict[str, tuple[str, ...]] = {
     "sft": tuple(f.format(s="sft") for f in _TRAINING),
     "reward-model": tuple(f.format(s="reward") for f in _TRAINING),
+    "judge-model": tuple(f.format(s="reward") for f in _TRAINING),  # trained with the reward settings
     "align": (
         *(f.format(s="align") for f in _TRAINING),
         "align.num_generations and align.max_completion_length (grpo, rloo)",
