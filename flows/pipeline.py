@@ -6,7 +6,8 @@ nested MLflow run of its own (the trainers log their curves there), called with 
 declaration names and cached under the key derived from them. Orchestration policy — names,
 retries, caching — sits here.
 
-    base model ─► validate ─► build ─► sft ─► [reward model] ─► [align] ─► evaluate ─► gates ─► register
+    base model ─► validate ─► build ─► sft ─► [reward model, judge model] ─► [align] ─► evaluate ─► gates ─► register
+                                                 (the judge is never a reward: the guard and win rates only)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from flows.progress import forward_stage_logs, stage_telemetry, watch
 from flows.retries import is_transient, retry_transient
 from flows.stages import (
     BY_NAME,
-    JUDGE,
+    DECIDE,
     PRODUCE,
     Stage,
     call_arguments,
@@ -217,7 +218,7 @@ def _pipeline(config: PipelineConfig, secret_names: list[str]) -> dict[str, Any]
             reason = f"the candidate is champion version {champion.version} already (same weights digest)"
             return _no_run(config, reason, champion, pid, run_dir, run_id, "already-champion")
         ctx["models"] = _models(config, ctx, champion, run_dir)
-        _walk(JUDGE, config, ctx, pid, run_dir)
+        _walk(DECIDE, config, ctx, pid, run_dir)
         verdict, report = ctx["verdict"], ctx["report"]
         reporting.log_report(report)
         reporting.publish_verdict(verdict, run_dir / "gates")

@@ -72,7 +72,7 @@ class Stage:
 
 _TRAINING = {"seed": "run.seed", "gpus": "run.gpus", "accelerate_config": "run.accelerate_config"}
 
-# What makes the candidate, then what judges it; the flow checks the champion in between.
+# What makes the candidate (PRODUCE), then what decides on it (DECIDE); the flow checks the champion in between.
 PRODUCE: tuple[Stage, ...] = (
     Stage("base-model", "tasks.base_model:prepare_base_model", "base", ("model",), cached=False),
     Stage(
@@ -128,7 +128,7 @@ PRODUCE: tuple[Stage, ...] = (
         when=lambda c: c.uses_alignment,
     ),
 )
-JUDGE: tuple[Stage, ...] = (
+DECIDE: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         "tasks.evaluate:evaluate_models",
@@ -139,7 +139,7 @@ JUDGE: tuple[Stage, ...] = (
     Stage("gates", "tasks.gates:apply_gates", "verdict", ("gates", "@report"), cached=False),
 )
 
-STAGES = PRODUCE + JUDGE
+STAGES = PRODUCE + DECIDE
 BY_NAME = {s.name: s for s in STAGES}
 
 # Values the config derives from its fields (properties of PipelineConfig), by the fields they read.
@@ -236,15 +236,29 @@ def _all_strings(v: Any) -> bool:
 
 
 def data_content(data: DataSection) -> dict[str, Any]:
-    """Raw data by what it holds, kind by kind, wherever the files live: moving them is not new data."""
-    from data_checks.readers import resolve_paths
+    """Raw data by what it holds, kind by kind, wherever the files live: moving them is not new data.
+    A Hub dataset pinned to a commit is that commit; an unpinned one (a branch, or none) may have moved
+    since the last run, so it never matches a stored key: validation reads it again each run (and the
+    stages after it are still reused when what it read is unchanged)."""
+    import re
+    import time
+
+    from data_checks.readers import HubSource, resolve_sources
 
     out: dict[str, Any] = {"shapes": dict(sorted(data.shapes.items()))}
     for kind in ("sft", "preferences", "prompts", "eval"):
         spec = getattr(data, kind)
-        if spec is not None:
-            paths = resolve_paths(spec)
-            out[kind] = [file_digest(p) for p in paths] if paths else f"nothing at {spec}"
+        if spec is None:
+            continue
+        found = []
+        for source in resolve_sources(spec):
+            if not isinstance(source, HubSource):
+                found.append(file_digest(source))
+            elif source.revision and re.fullmatch(r"[0-9a-f]{40}", source.revision):
+                found.append(source.label())
+            else:
+                found.append(f"{source.label()} read at {time.time_ns()}")
+        out[kind] = found or f"nothing at {spec}"
     return out
 
 

@@ -122,7 +122,13 @@ def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
         # (6.423 -> 6.419 nats, paired interval about [-0.0037, -0.0030]); scoring the base model twice,
         # or the wrong rows, gives no paired improvement and fails the first gate.
         "gates": [
-            {"metric": "eval_loss", "op": "<=", "baseline": "base", "min_delta": 0.001, "confidence_bound": True},
+            {
+                "metric": "eval_loss",
+                "op": "<=",
+                "baseline": "base",
+                "min_delta": 0.001,
+                "confidence_bound": True,
+            },
             {"metric": "eval_loss", "op": "<=", "baseline": "champion", "min_delta": -0.01},
         ],
         "registry": {

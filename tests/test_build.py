@@ -188,7 +188,8 @@ def test_user_formats_round_trip_to_trl_parquet(tmp_path, tiny_model):
         row = next(r for r in sft if r["prompt"][-1]["content"] == first_prompt)
         assert row["prompt"][0] == {"role": "system", "content": "Be kind."}
         assert row["completion"] == [{"role": "assistant", "content": first_answer}]
-    pref = Dataset.from_parquet([ds.splits["pref_train"].path, ds.splits["pref_eval"].path])
+    pref_splits = ("pref_train", "pref_judge", "pref_eval")
+    pref = Dataset.from_parquet([ds.splits[name].path for name in pref_splits if ds.splits[name].rows])
     assert pref.column_names == ["prompt", "chosen", "rejected"]
     row = next(r for r in pref if r["prompt"][-1]["content"] == "Q0")
     assert row["chosen"] == [{"role": "assistant", "content": "good 0"}]

@@ -17,7 +17,9 @@ def _dataset(tmp_path) -> InstructionDataset:
     (root / "sft_train.parquet").write_bytes(b"PAR1 rows PAR1")
     (root / "manifest.json").write_text("{}")
     split = DataFile(kind="sft", path=str(root / "sft_train.parquet"), rows=1, sha256="x")
-    return InstructionDataset(root=str(root), splits={"sft_train": split}, manifest=str(root / "manifest.json"))
+    return InstructionDataset(
+        root=str(root), splits={"sft_train": split}, manifest=str(root / "manifest.json")
+    )
 
 
 def test_a_hit_is_returned_only_while_its_files_match(tmp_path, caplog):
