@@ -11,8 +11,6 @@ import json
 import re
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from data_checks.formats import CHECKS
 
 # Phrases that decline a request. Matched case-insensitively anywhere in the answer.
@@ -166,38 +164,3 @@ def wins(candidate: Sequence[float], other: Sequence[float], tie: float = 1e-6) 
     return [
         1.0 if c - o > tie else 0.0 if o - c > tie else 0.5 for c, o in zip(candidate, other, strict=True)
     ]
-
-
-def bootstrap_interval(
-    values: Sequence[float],
-    weights: Sequence[float] | None = None,
-    *,
-    baseline: Sequence[float] | None = None,
-    baseline_weights: Sequence[float] | None = None,
-    confidence: float = 0.95,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of a (weighted) mean over rows, resampling rows with replacement.
-
-    With `baseline`, the interval is of the paired difference `mean(values) - mean(baseline)`: the
-    same resampled rows for both, so the spread of the prompts themselves cancels out.
-    """
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    if n == 0:
-        return (float("nan"), float("nan"))
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    stats = _weighted_means(v, w, idx)
-    if baseline is not None:
-        b = np.asarray(baseline, dtype=float)
-        bw = np.ones(n) if baseline_weights is None else np.asarray(baseline_weights, dtype=float)
-        stats = stats - _weighted_means(b, bw, idx)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
-    return (float(lo), float(hi))
-
-
-def _weighted_means(v: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return (v[idx] * w[idx]).sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from pydantic import ValidationError
@@ -11,7 +10,7 @@ from pydantic import ValidationError
 from data_checks.formats import RowError, normalise
 from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_chart
 from tasks.intervals import NEWCOMBE, WILSON, newcombe_paired_interval, wilson_interval
-from tasks.scoring import bootstrap_interval, exact_hit, is_refusal, json_hit, regex_hit, row_checks, wins
+from tasks.scoring import exact_hit, is_refusal, json_hit, regex_hit, row_checks
 from tunegate.artifacts import DataFile, EvalReport, InstructionDataset, ValidatedData
 from tunegate.config import GateSpec
 
@@ -58,24 +57,6 @@ def test_eval_rows_define_their_checks_and_bad_ones_name_the_fix():
         normalise("eval", "eval_prompt", {"prompt": "p", "refuse": False, "exact": None})
     with pytest.raises(RowError, match="use one of task, canary, safety"):
         normalise("eval", "eval_prompt", {"prompt": "p", "exact": "x", "set": "smoke"})
-
-
-def test_bootstrap_interval_matches_the_normal_approximation_on_fixed_numbers():
-    assert bootstrap_interval([0.7] * 50) == pytest.approx((0.7, 0.7))
-    half = [1.0, 0.0] * 200  # p = 0.5, n = 400: 1.96 * sqrt(0.25 / 400) = 0.049
-    lo, hi = bootstrap_interval(half, resamples=4000, seed=3)
-    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
-    assert bootstrap_interval(half, seed=3) == bootstrap_interval(half, seed=3)  # seeded
-    lo90, hi90 = bootstrap_interval(half, confidence=0.9, resamples=4000, seed=3)
-    assert lo < lo90 < hi90 < hi
-    # paired: the same rows for both sides, so a constant shift has no spread at all
-    base = [0.1 * (i % 7) for i in range(60)]
-    assert bootstrap_interval([b + 0.2 for b in base], baseline=base) == pytest.approx((0.2, 0.2))
-    # weighted (token-weighted loss): a heavy row dominates
-    lo, hi = bootstrap_interval([1.0, 3.0], [1000, 1], resamples=500)
-    assert 1.0 <= lo <= hi <= 3.0 and lo == pytest.approx(1.0)
-    assert all(math.isnan(x) for x in bootstrap_interval([]))
-    assert wins([0.5, 0.2, 0.3], [0.1, 0.2, 0.9]) == [1.0, 0.5, 0.0]
 
 
 def _report(**kw) -> EvalReport:
