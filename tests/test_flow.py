@@ -12,6 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
 from flows.pipeline import pipeline
+from tasks.scoring import wins
 from tests.conftest import tiny_raw_config
 from tunegate.config import parse_config
 from tunegate.errors import ConfigError, DataValidationError, StageGateFailed
@@ -88,10 +89,11 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert set(report["gains"]) == {"sft", "alignment"} and "eval_loss" in report["gains"]["sft"]
     assert "What each stage added" in result["verdict"]["markdown"]
     scores = result["report"]["scores"]["candidate"]
-    assert (
-        0 <= scores["win_rate_vs_base"] <= 1
-        and "win_rate_vs_base" in result["report"]["intervals"]["candidate"]
-    )
+    # The win rate is the judge's verdict row by row (ties half), recomputed here from its scores.
+    per_row = json.loads(open(report["per_row_path"]).read())["values"]
+    judged = wins(per_row["candidate"]["judge_score"], per_row["base"]["judge_score"])
+    assert scores["win_rate_vs_base"] == pytest.approx(sum(judged) / len(judged))
+    assert "win_rate_vs_base" in result["report"]["intervals"]["candidate"]
     assert "candidate.fact_accuracy.ci_low" in parent.data.metrics
     resolved = json.loads(
         open(

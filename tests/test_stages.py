@@ -49,8 +49,18 @@ def test_reward_model_trains_and_reports_accuracy(stage_inputs, sft_model):
     cfg, _, dataset, work = stage_inputs
     rm = train_reward_model(cfg.reward, dataset, sft_model, out_dir=work / "reward", seed=1)
     assert rm.steps == 2 and math.isfinite(rm.metrics["train_loss"])
-    assert 0.0 <= rm.metrics["pair_accuracy"] <= 1.0
     assert rm.metrics["eval_pairs"] == dataset.splits["pref_eval"].rows
+    # The reported accuracy is what the saved model does on the held-out pairs, scored again here.
+    from datasets import Dataset
+
+    from tasks.reward import load_reward_model, score_conversations
+
+    pairs = list(Dataset.from_parquet(dataset.splits["pref_eval"].path))
+    model, tokenizer = load_reward_model(rm.path)
+    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    assert rm.metrics["pair_accuracy"] == pytest.approx(right / len(pairs), abs=1e-9)
 
 
 def test_reward_model_below_floor_stops_the_run(stage_inputs, sft_model):
