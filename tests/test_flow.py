@@ -245,6 +245,7 @@ def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
         "build",
         "sft",
         "reward-model",
+        "judge-model",
         "align",
     }
     assert "evaluate" not in stages and "register" not in stages  # it is the champion: nothing to decide
@@ -265,6 +266,7 @@ def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
         "validate",
         "sft",
         "reward-model",
+        "judge-model",
         "align",
     }  # the rebuilt splits hold what the altered copy held before: training is reused
     assert tampered["outcome"] == "already-champion"
