@@ -271,18 +271,34 @@ def _sft_messages(shape: str, data: dict[str, Any]) -> tuple[list[dict[str, Any]
     if shape == "messages":
         return _as_messages(data["messages"], "messages", tool_calls=True), tools
     if shape == "sharegpt":
-        return _sharegpt_messages(data["conversations"]), tools
+        return _system_column(data, _sharegpt_messages(data["conversations"])), tools
     if shape == "alpaca":
         instruction, extra = data.get("instruction"), data.get("input") or ""
         user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        return _as_messages(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": data.get("output")}],
-            "alpaca",
+        return _system_column(
+            data,
+            _as_messages(
+                [{"role": "user", "content": user}, {"role": "assistant", "content": data.get("output")}],
+                "alpaca",
+            ),
         ), None
     # prompt_completion
     prompt = _as_messages(data["prompt"], "prompt", default_role="user", tool_calls=True)
     completion = _as_messages(data["completion"], "completion", default_role="assistant", tool_calls=True)
     return prompt + completion, tools
+
+
+def _system_column(data: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LLaMA-Factory keeps a ShareGPT or Alpaca row's system prompt in a `system` column: it opens the
+    conversation, unless the conversation has a system turn of its own."""
+    system = data.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return messages
+    if not isinstance(system, str):
+        raise RowError("`system` must be a string (the system prompt)")
+    if messages and messages[0]["role"] == "system":
+        raise RowError("the row has both a `system` column and a system turn: keep one of them")
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _sharegpt_messages(turns: Any) -> list[dict[str, Any]]:
@@ -721,10 +737,13 @@ _TOOLS = "tools (when present) → tools"
 SHAPE_COLUMNS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("sft", "messages"): (("messages", "tools"), f"messages → messages, prompt + completion; {_TOOLS}"),
     ("sft", "sharegpt"): (
-        ("conversations", "tools"),
-        f"conversations (from/value) → messages, prompt + completion; {_TOOLS}",
+        ("conversations", "system", "tools"),
+        f"system (when present) → system; conversations (from/value) → messages, prompt + completion; {_TOOLS}",
     ),
-    ("sft", "alpaca"): (("instruction", "input", "output"), "instruction + input → user; output → assistant"),
+    ("sft", "alpaca"): (
+        ("instruction", "input", "output", "system"),
+        "system (when present) → system; instruction + input → user; output → assistant",
+    ),
     ("sft", "prompt_completion"): (
         ("prompt", "completion", "tools"),
         f"prompt → prompt; completion → completion; {_TOOLS}",

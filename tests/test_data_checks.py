@@ -630,3 +630,20 @@ def test_plain_fast_tokenizer_loads_without_autotokenizer_and_tokenizes_the_same
     texts = [m["content"] for r in rows for m in r]
     assert fast(texts)["input_ids"] == auto(texts)["input_ids"]
     assert (fast.eos_token, fast.pad_token) == (auto.eos_token, auto.pad_token)
+
+
+def test_llamafactory_system_column_opens_the_conversation():
+    from data_checks.formats import RowError, normalise
+
+    row = {
+        "system": "You are Brightpaw's assistant.",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+    }
+    out = normalise("sft", "sharegpt", row)
+    assert out["messages"][0] == {"role": "system", "content": "You are Brightpaw's assistant."}
+    assert out["prompt"][0]["role"] == "system" and out["completion"][-1]["content"] == "Hello!"
+    alpaca = normalise("sft", "alpaca", {"instruction": "Say hi", "output": "Hi!", "system": "Be brief."})
+    assert alpaca["messages"][0] == {"role": "system", "content": "Be brief."}
+    both = {**row, "conversations": [{"from": "system", "value": "x"}, *row["conversations"]]}
+    with pytest.raises(RowError, match="both a `system` column and a system turn"):
+        normalise("sft", "sharegpt", both)
