@@ -113,14 +113,33 @@ def evaluate_models(
                 per_row["candidate"][f"win_rate_vs_{other}"] = wins(
                     per_row["candidate"]["judge_score"], per_row[other]["judge_score"]
                 )
-    scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed)
-    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
-    gains, gain_methods = stage_gains(per_row, weights, scores, how)
     samples = out_dir / "samples.jsonl"
     _write_samples(samples, rows, answers, checks)
     per_row_path = out_dir / "per_row.json"
     per_row_path.write_text(json.dumps({"values": per_row, "weights": weights}), encoding="utf-8")
-    log.info("evaluation: %s", scores)
+    report = summarise_report(
+        cfg,
+        per_row,
+        weights,
+        scalars,
+        seed,
+        n_prompts=len(rows),
+        sets=sets,
+        samples_path=str(samples),
+        per_row_path=str(per_row_path),
+        champion_version=champion_version,
+    )
+    log.info("evaluation: %s", report.scores)
+    return report
+
+
+def summarise_report(cfg: EvaluateSection, per_row, weights, scalars, seed: int, **record) -> EvalReport:
+    """The report from per-row values (label -> metric -> values, and row weights): point values,
+    intervals by method, the candidate's paired differences and what each stage added. `record`: the
+    report's other fields (n_prompts, sets, samples_path, ...)."""
+    scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed)
+    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": seed}
+    gains, gain_methods = stage_gains(per_row, weights, scores, how)
     return EvalReport(
         scores=scores,
         intervals=intervals,
@@ -131,11 +150,7 @@ def evaluate_models(
         gain_methods=gain_methods,
         counts={label: {m: len(v) for m, v in metrics.items()} for label, metrics in per_row.items()},
         confidence=cfg.confidence,
-        n_prompts=len(rows),
-        sets=sets,
-        samples_path=str(samples),
-        per_row_path=str(per_row_path),
-        champion_version=champion_version,
+        **record,
     )
 
 

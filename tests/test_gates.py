@@ -217,7 +217,7 @@ def test_verdict_chart_is_a_png(tmp_path):
 
 def _attribution_report(aligned_hits: list[int]) -> EvalReport:
     """Three models on the same 40 rows: base never right, SFT right on 20, the aligned candidate as given."""
-    from tasks.evaluate import _summarise, stage_gains
+    from tasks.evaluate import summarise_report
 
     n = 40
     per_row = {
@@ -225,26 +225,10 @@ def _attribution_report(aligned_hits: list[int]) -> EvalReport:
         "sft": {"fact_accuracy": [1.0] * 20 + [0.0] * 20},
         "candidate": {"fact_accuracy": [float(x) for x in aligned_hits]},
     }
-    weights = {label: {} for label in per_row}
-    scalars = {label: {} for label in per_row}
     from tunegate.config import EvaluateSection
 
-    cfg = EvaluateSection()
-    scores, intervals, deltas, methods, delta_methods = _summarise(cfg, per_row, weights, scalars, seed=1)
-    how = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_resamples, "seed": 1}
-    gains, gain_methods = stage_gains(per_row, weights, scores, how)
-    return EvalReport(
-        scores=scores,
-        intervals=intervals,
-        deltas=deltas,
-        methods=methods,
-        delta_methods=delta_methods,
-        gains=gains,
-        gain_methods=gain_methods,
-        counts={label: {"fact_accuracy": n} for label in per_row},
-        n_prompts=n,
-        samples_path="-",
-    )
+    none = {label: {} for label in per_row}
+    return summarise_report(EvaluateSection(), per_row, none, none, 1, n_prompts=n, samples_path="-")
 
 
 SFT_GATE = GateSpec(metric="fact_accuracy", op=">=", baseline="sft", min_delta=0.0, confidence_bound=True)
