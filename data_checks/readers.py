@@ -463,16 +463,9 @@ def _array_items(file: str, text: str, i: int, lines: _Lines):
     if text[i : i + 1] == "]":
         return i + 1
     while True:
-        line = lines.at(i)
-        try:
-            value, end = _DECODER.raw_decode(text, i)
-        except json.JSONDecodeError as exc:
-            yield _json_problem(file, text, exc, lines)
+        end = yield from _one_value(file, text, i, lines, "element is not a JSON object")
+        if end is None:
             return None
-        if isinstance(value, dict):
-            yield line, value
-        else:
-            yield ParseProblem(file, line, "element is not a JSON object", _short(repr(value)))
         i = _SPACE.match(text, end).end()
         sep = text[i : i + 1]
         if sep == "]":
@@ -495,7 +488,12 @@ def _drain(items: Iterator, into: list) -> Any:
             return stop.value
 
 
-def _one_value(file: str, text: str, i: int, lines: _Lines):
+_NOT_A_ROW = 'a JSON file must hold a list of objects, one object, or a wrapper like {"data": [...]}'
+
+
+def _one_value(file: str, text: str, i: int, lines: _Lines, not_object: str = _NOT_A_ROW):
+    """The JSON value at `i`, yielded with its line if it is an object (a row), else a problem saying
+    `not_object`; returns the position after it, or None when it does not parse."""
     line = lines.at(i)
     try:
         value, end = _DECODER.raw_decode(text, i)
@@ -505,12 +503,7 @@ def _one_value(file: str, text: str, i: int, lines: _Lines):
     if isinstance(value, dict):
         yield line, value
     else:
-        yield ParseProblem(
-            file,
-            line,
-            'a JSON file must hold a list of objects, one object, or a wrapper like {"data": [...]}',
-            _short(repr(value)),
-        )
+        yield ParseProblem(file, line, not_object, _short(repr(value)))
     return end
 
 
