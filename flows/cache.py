@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flows.stages import LOCATION_FIELDS
+from flows.stages import LOCATION_FIELDS, is_location
 from tunegate import artifacts
 from tunegate.artifacts import Artifact, sha256_file
 
@@ -108,7 +108,7 @@ def locations(record: Artifact) -> list[str]:
     def walk(v: Any, key: str | None = None) -> None:
         if isinstance(v, dict):
             for k, x in v.items():
-                if k == "dropped" and isinstance(x, dict) and all(isinstance(s, str) for s in x.values()):
+                if k == "dropped" and is_location(k, x):
                     found.extend(x.values())
                 else:
                     walk(x, k)

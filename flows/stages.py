@@ -218,7 +218,7 @@ def key_content(value: Any) -> Any:
         return {
             k: key_content(getattr(value, k))
             for k in type(value).model_fields
-            if k not in LOCATION_FIELDS and not (k == "dropped" and _all_strings(getattr(value, k)))
+            if not is_location(k, getattr(value, k))
         }
     if isinstance(value, BaseModel):
         return key_content(value.model_dump(mode="json", by_alias=True))
@@ -231,8 +231,12 @@ def key_content(value: Any) -> Any:
     return value
 
 
-def _all_strings(v: Any) -> bool:
-    return isinstance(v, dict) and bool(v) and all(isinstance(x, str) for x in v.values())
+def is_location(key: str, value: Any) -> bool:
+    """Whether a record's field says where files are, not what they hold: a location field, or
+    ValidatedData's `dropped` (kind -> path of the dropped rows)."""
+    if key == "dropped":
+        return isinstance(value, dict) and bool(value) and all(isinstance(x, str) for x in value.values())
+    return key in LOCATION_FIELDS
 
 
 def data_content(data: DataSection) -> dict[str, Any]:
