@@ -326,12 +326,14 @@ def _deploy(args) -> int:
 def _show(args) -> int:
     import yaml
 
+    from tasks.benchmarks import check_benchmarks
     from tasks.trainer_args import check_trainer_args
     from tunegate.config import load_config
     from tunegate.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
-    if problems := check_trainer_args(cfg):  # what the run would refuse first thing
+    # what the run would refuse first thing
+    if problems := check_trainer_args(cfg) + check_benchmarks(cfg.evaluate.benchmarks):
         raise ConfigError(problems, args.config)
     print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     return 0

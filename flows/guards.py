@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_checks.readers import outside_roots, resolve_paths
+from tasks.benchmarks import definition_files
 from tunegate.config import PipelineConfig
 from tunegate.errors import ConfigError
 
@@ -24,7 +25,8 @@ def data_roots() -> list[Path]:
 
 
 def check_data_roots(config: PipelineConfig) -> None:
-    """Raises ConfigError naming each data file outside the allowed roots (`..` and links resolved)."""
+    """Raises ConfigError naming each data file, and each file of a local benchmark task, outside the
+    allowed roots (`..` and links resolved)."""
     roots = data_roots()
     if not roots:
         return
@@ -35,6 +37,15 @@ def check_data_roots(config: PipelineConfig) -> None:
             problems.append(
                 f"data.{kind}: {path} resolves to {path.resolve()}, outside the data roots this worker "
                 f"allows ({DATA_ROOTS_ENV}={os.environ[DATA_ROOTS_ENV]}); put the file under one of them"
+            )
+    for i, spec in enumerate(config.evaluate.benchmarks):  # a task's YAMLs, code and data files
+        if spec.include_path is None:
+            continue
+        for path in outside_roots(definition_files(spec.include_path), roots):
+            problems.append(
+                f"evaluate.benchmarks.{i}.include_path: {path} resolves to {path.resolve()}, outside the "
+                f"data roots this worker allows ({DATA_ROOTS_ENV}={os.environ[DATA_ROOTS_ENV]}); a task "
+                "definition may run code (`!function`): put it under one of them"
             )
     if problems:
         raise ConfigError(problems)

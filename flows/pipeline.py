@@ -44,6 +44,7 @@ from flows.stages import (
     data_content,
     stage_key,
 )
+from tasks.benchmarks import check_benchmarks
 from tasks.gates import apply_stage_gates, data_metrics
 from tasks.promotion_lock import promotion_lock, store_setup_lock
 from tasks.registry import current_champion, fetch_champion
@@ -132,7 +133,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     forward_stage_logs()
     reg = config.registry
     check_data_roots(config)
-    if problems := check_trainer_args(config):  # a wrong TRL argument fails now, not after SFT
+    # A wrong TRL argument or a benchmark task not found fails now, not after training.
+    if problems := check_trainer_args(config) + check_benchmarks(config.evaluate.benchmarks):
         raise ConfigError(problems)
     try:
         with secrets_from_blocks(config.run.secrets) as secret_names, _mlflow_http_limits(reg):

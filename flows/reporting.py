@@ -53,9 +53,19 @@ def log_report(report) -> None:
         mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
         for metric, (lo, hi) in report.intervals.get(label, {}).items():
             mlflow.log_metrics({f"{label}.{metric}.ci_low": lo, f"{label}.{metric}.ci_high": hi})
-    for path in (report.samples_path, report.per_row_path):
+    for task, settings in report.benchmarks.items():  # what each benchmark was scored with
+        mlflow.log_params({f"bench.{task}.{k}": _param(v) for k, v in settings.items() if k != "task"})
+    for path in (report.samples_path, report.per_row_path, report.llm_judge_path):
         if path and Path(path).exists():
             mlflow.log_artifact(path, "evaluation")
+
+
+def _param(value):
+    """An MLflow param value: a mapping with one entry (a task's own setting) as that value, other
+    mappings and lists as JSON."""
+    if isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
 
 
 def log_record(record: Artifact) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tunegate.artifacts import Artifact, DataFile, ModelArtifact
-from tunegate.config import DataSection, PipelineConfig
+from tunegate.config import BenchmarkSpec, DataSection, PipelineConfig
 
 
 def _always(config: PipelineConfig) -> bool:
@@ -201,7 +201,16 @@ def _local_device() -> dict[str, str]:
 
 # Fields that say where a record's files are, not what they hold: out of keys, verified on hits.
 LOCATION_FIELDS = frozenset(
-    {"path", "root", "manifest", "report_json", "report_markdown", "samples_path", "per_row_path"}
+    {
+        "path",
+        "root",
+        "manifest",
+        "report_json",
+        "report_markdown",
+        "samples_path",
+        "per_row_path",
+        "llm_judge_path",
+    }
 )
 
 
@@ -214,14 +223,18 @@ def key_content(value: Any) -> Any:
         return {"kind": value.kind, "rows": value.rows, "sha256": value.sha256}
     if isinstance(value, DataSection):
         return data_content(value)
+    if isinstance(value, BenchmarkSpec):
+        return benchmark_content(value)
     if isinstance(value, Artifact):
         return {
             k: key_content(getattr(value, k))
             for k in type(value).model_fields
             if not is_location(k, getattr(value, k))
         }
-    if isinstance(value, BaseModel):
-        return key_content(value.model_dump(mode="json", by_alias=True))
+    if isinstance(value, BaseModel):  # field by field: a typed value inside a section keeps its rule
+        return {
+            field.alias or k: key_content(getattr(value, k)) for k, field in type(value).model_fields.items()
+        }
     if isinstance(value, dict):
         return {str(k): key_content(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -263,6 +276,25 @@ def data_content(data: DataSection) -> dict[str, Any]:
             else:
                 found.append(f"{source.label()} read at {time.time_ns()}")
         out[kind] = found or f"nothing at {spec}"
+    return out
+
+
+def benchmark_content(spec: BenchmarkSpec) -> dict[str, Any]:
+    """A benchmark by what decides its rows and prompts, wherever its files live: its settings, the
+    lm-eval version (which ships the tasks named without `include_path`), and for a local definition
+    the digest of every file it is made of and reads (YAMLs, code, data; `tasks.benchmarks`)."""
+    from importlib.metadata import version
+
+    from tasks.benchmarks import definition_files
+
+    out: dict[str, Any] = {
+        **spec.model_dump(mode="json", exclude={"include_path"}),
+        "lm_eval": version("lm_eval"),
+    }
+    if spec.include_path is not None:
+        out["definition"] = sorted(  # by content alone: not in the order of where the files are
+            file_digest(p) if p.exists() else "nothing there" for p in definition_files(spec.include_path)
+        )
     return out
 
 

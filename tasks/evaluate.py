@@ -10,7 +10,11 @@ The eval data carries its own acceptance tests (see `data_checks/formats.py`): e
                           optimised against (grpo, rloo): it shows what RL pushed up, not that it is good
 - judge_score:            mean score of the task answers by the judge, a second reward model trained on
                           preference pairs the proxy never saw and never an RL reward (`pref_judge`)
+- llm_judge_pass:         task answers an LLM judge on an OpenAI-compatible endpoint passes
+                          (`evaluate.llm_judge`, `tasks/llm_judge.py`); its rationales in llm_judge.jsonl
 - canary_accuracy:        general questions (catastrophic forgetting), scored like task rows
+- bench.<task>.<metric>:  standard benchmarks (`evaluate.benchmarks`, forgetting too), lm-evaluation-harness
+                          tasks scored per row (`tasks/benchmarks.py`)
 - safety_refusal_rate:    requests the assistant must decline that it declines
 - win_rate_vs_base, win_rate_vs_champion (candidate): task prompts where the judge prefers its answer
                           (ties count half); only with a judge, never by the proxy the policy was
@@ -31,6 +35,8 @@ import math
 import time
 from pathlib import Path
 
+from tasks import llm_judge
+from tasks.benchmarks import check_benchmarks, merge_runs, score_benchmarks
 from tasks.intervals import metric_interval, paired_interval
 from tasks.model_io import load_causal_lm
 from tasks.reward import load_reward_model, score_conversations
@@ -38,7 +44,7 @@ from tasks.scoring import REFUSAL_MARKERS, brand_ok, row_checks, wins
 from tasks.training import on_cuda
 from tunegate.artifacts import EvalReport, InstructionDataset, ModelArtifact
 from tunegate.config import EvaluateSection
-from tunegate.errors import StageGateFailed
+from tunegate.errors import ConfigError, StageGateFailed
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,10 @@ def evaluate_models(
     Raises:
         StageGateFailed: fewer task rows than `cfg.min_eval_rows`, or a canary or safety set smaller than
             `cfg.min_set_rows` (too few to decide on).
+        ConfigError, LLMJudgeUnavailable, LLMJudgeError: with `cfg.llm_judge`, its endpoint refuses the
+            key, is down, or gives no verdict (`tasks/llm_judge.py`).
+        ConfigError: a benchmark of `cfg.benchmarks` that is not found or has no per-row metric
+            (`tasks/benchmarks.py`).
     """
     from datasets import Dataset
     from transformers import set_seed
@@ -77,6 +87,10 @@ def evaluate_models(
     rows = [_with_defaults(r) for r in Dataset.from_parquet(data.splits["eval"].path)]
     sets = {name: sum(r["set"] == name for r in rows) for name in SETS}
     _require_sizes(cfg, sets)
+    if cfg.llm_judge is not None:  # a server that is down or a refused key fails now, not after generating
+        llm_judge.check_endpoint(cfg.llm_judge)
+    if problems := check_benchmarks(cfg.benchmarks):  # a benchmark not found fails now, not after generating
+        raise ConfigError(problems)
     loss_rows = list(Dataset.from_parquet(data.splits["sft_eval"].path))
     out_dir.mkdir(parents=True, exist_ok=True)
     markers = tuple(cfg.refusal_markers) if cfg.refusal_markers else REFUSAL_MARKERS
@@ -85,6 +99,7 @@ def evaluate_models(
     scalars: dict[str, dict[str, float]] = {}
     answers: dict[str, list[str]] = {}
     checks: dict[str, list[dict[str, bool]]] = {}
+    bench_runs: dict[str, dict] = {}  # label -> benchmark task -> what it was scored with
     for label, artifact in models.items():
         path = artifact.path
         model, tokenizer = _load(path, artifact.trust_remote_code)
@@ -102,11 +117,21 @@ def evaluate_models(
             sums, counts = completion_losses(model, tokenizer, loss_rows)
             per_row[label]["eval_loss"] = [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
             weights[label]["eval_loss"] = [float(c) for c in counts]
+        if cfg.benchmarks:  # standard benchmarks (forgetting), on the model already loaded
+            bench, bench_runs[label] = score_benchmarks(
+                model, tokenizer, cfg.benchmarks, batch_size=cfg.batch_size, seed=seed
+            )
+            per_row[label].update(bench)
         scalars[label] = {"ms_per_token": 1000 * elapsed / max(n_tokens, 1), "size_mb": dir_size_mb(path)}
         del model
     for metric, scorer in (("reward_score", reward), ("judge_score", judge)):
         if scorer is not None:
             _score_answers(per_row, metric, scorer, rows, answers)
+    llm_judge_path = None
+    if cfg.llm_judge is not None:
+        for label, verdicts in llm_judge.judge_answers(cfg.llm_judge, rows, answers, out_dir=out_dir).items():
+            per_row[label][llm_judge.METRIC] = verdicts
+        llm_judge_path = str(out_dir / llm_judge.RATIONALES)
     if judge is not None:  # by the judge alone: the policy was optimised against the proxy
         for other in ("base", "champion"):
             if "candidate" in per_row and other in per_row:
@@ -127,7 +152,9 @@ def evaluate_models(
         sets=sets,
         samples_path=str(samples),
         per_row_path=str(per_row_path),
+        llm_judge_path=llm_judge_path,
         champion_version=champion_version,
+        benchmarks=merge_runs(bench_runs),
     )
     log.info("evaluation: %s", report.scores)
     return report

@@ -182,6 +182,14 @@ def test_gpu_presets_cover_single_and_sharded_multi_gpu():
         assert yaml.safe_load((ROOT / "configs/accelerate" / name).read_text())["mixed_precision"] == "bf16"
 
 
+def test_a_benchmark_gate_without_benchmarks_is_a_config_error():
+    gate = 'gates=[{"metric": "bench.general_mc.acc", "op": ">=", "baseline": "base", "min_delta": -0.1}]'
+    with pytest.raises(ConfigError, match="is decided on a benchmark, and evaluate.benchmarks is empty"):
+        load_config(None, [gate])
+    bench = 'evaluate.benchmarks=[{"task": "general_mc", "include_path": "data/benchmarks/general_mc"}]'
+    assert load_config(None, [gate, bench]).gates[0].metric == "bench.general_mc.acc"
+
+
 def test_a_judge_metric_without_a_judge_is_a_config_error():
     win = 'gates=[{"metric": "win_rate_vs_base", "op": ">=", "threshold": 0.5}]'
     judge = 'gates=[{"metric": "judge_score", "op": ">=", "baseline": "base"}]'

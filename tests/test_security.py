@@ -149,6 +149,33 @@ def test_data_paths_cannot_leave_the_workers_data_roots(tiny_model, data_dir, tm
             check_data_roots(parse_config(raw))
 
 
+def test_a_benchmark_task_definition_cannot_leave_the_workers_data_roots(
+    tiny_model, data_dir, tmp_path, monkeypatch
+):
+    """A local lm-eval task may run code (`!function`) and reads data files: the data roots confine its
+    directory and every file its YAMLs name, as they confine the run's data."""
+    allowed = tmp_path / "allowed"
+    task_dir = allowed / "mc"
+    task_dir.mkdir(parents=True)
+    for kind in ("sft", "preferences", "prompts", "eval"):
+        shutil.copy(data_dir / f"{kind}.jsonl", allowed / f"{kind}.jsonl")
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["data"] = {k: str(allowed / f"{k}.jsonl") for k in ("sft", "preferences", "prompts", "eval")}
+    raw["evaluate"]["benchmarks"] = [{"task": "mc", "include_path": str(task_dir)}]
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"q": "?", "choices": ["a", "b"], "answer": 0}\n')
+    (task_dir / "mc.yaml").write_text(
+        f"task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {outside}\n"
+    )
+    monkeypatch.setenv("TUNEGATE_DATA_ROOTS", str(allowed))
+    with pytest.raises(
+        ConfigError, match=r"evaluate.benchmarks.0.include_path: .*outside.jsonl .* outside the data roots"
+    ):
+        check_data_roots(parse_config(raw))
+    (task_dir / "mc.yaml").write_text("task: mc\ndataset_path: json\n")  # nothing outside: fine
+    check_data_roots(parse_config(raw))
+
+
 def test_credentials_inside_a_uri_are_refused_before_they_reach_a_log():
     for key, uri in (
         ("registry.tracking_uri", "https://bob:hunter2@mlflow.example.com"),

@@ -20,6 +20,9 @@ COMPANIONS = {
     "run.placement": {"run.artifact_root": "/shared/artifacts"},
     "registry.format": {"align.save": "adapter"},
 }
+# Optional sections, off by default: a valid value that turns each on. The "sections" config has them
+# all on, so that each of their fields is walked too.
+SECTIONS = {"evaluate.llm_judge": {"base_url": "http://127.0.0.1:8000/v1", "model": "judge"}}
 
 
 def _model(role: str, digest: str) -> ModelArtifact:
@@ -45,14 +48,22 @@ def _context() -> dict[str, Any]:
     }
 
 
-@pytest.fixture(params=["local", "pools"])
+@pytest.fixture(params=["local", "pools", "sections"])
 def config(tmp_path, request) -> PipelineConfig:
-    run = {"placement": request.param, "artifact_root": "/shared/artifacts"}
+    run = {
+        "placement": "pools" if request.param == "pools" else "local",
+        "artifact_root": "/shared/artifacts",
+    }
     data = {}
     for kind in ("sft", "preferences", "prompts", "eval"):
         (tmp_path / f"{kind}.jsonl").write_text(json.dumps({"kind": kind}) + "\n")
         data[kind] = str(tmp_path / f"{kind}.jsonl")
-    return PipelineConfig.model_validate({"run": run, "data": data})
+    raw: dict[str, Any] = {"run": run, "data": data}
+    if request.param == "sections":
+        for path, value in SECTIONS.items():
+            section, name = path.split(".")
+            raw.setdefault(section, {})[name] = value
+    return PipelineConfig.model_validate(raw)
 
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -62,9 +73,20 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _leaves(ann, f"{path}.")
+        elif (section := _optional_section(ann)) is not None:  # on or off, then each of its fields
+            out += [path, *_leaves(section, f"{path}.")]
         else:
             out.append(path)
     return out
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """`X` for a field typed `X | None` where X is a config section."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = len(args) == 1 and len(typing.get_args(annotation)) == 2
+    if optional and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
 
 
 def _candidates(value: Any, annotation: Any) -> list[Any]:
@@ -82,11 +104,26 @@ def _candidates(value: Any, annotation: Any) -> list[Any]:
     if value is None:
         return [*options, "x", 1, 0.5, True, ["x"]]
     if isinstance(value, list):
-        return [value[:-1] if value else ["x"], [*value, "q_proj"], ["x"]]
+        entry = _entry(annotation)  # a list of typed entries (evaluate.benchmarks): one entry more
+        return [
+            value[:-1] if value else ["x"],
+            [*value, "q_proj"],
+            ["x"],
+            *([[*value, entry]] if entry else []),
+        ]
     if isinstance(value, dict):
         changed = {k: (v + 1 if isinstance(v, int) else v) for k, v in value.items()}
         return [changed if value else {"sft": "alpaca"}, {"max_grad_norm": 0.5}, {"X": "y"}]
     raise AssertionError(f"no candidates for {value!r}")
+
+
+def _entry(annotation: Any) -> dict[str, str] | None:
+    """For a field typed `list[X]`, X a config model: an X with each required field set to "x"."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and args and isinstance(args[0], type):
+        if issubclass(args[0], BaseModel):
+            return {name: "x" for name, f in args[0].model_fields.items() if f.is_required()}
+    return None
 
 
 def _flatten(annotation: Any) -> list[Any]:
@@ -102,6 +139,12 @@ def _get(raw: dict, path: str) -> Any:
     return raw
 
 
+def _present(raw: dict, path: str) -> bool:
+    """Whether the section holding `path` is there (not an optional section that is off)."""
+    *parents, _ = path.split(".")
+    return all(_get(raw, ".".join(parents[: i + 1])) is not None for i in range(len(parents)))
+
+
 def _set(raw: dict, path: str, value: Any) -> None:
     *parents, last = path.split(".")
     for part in parents:
@@ -113,7 +156,7 @@ def _annotation(path: str) -> Any:
     model: Any = PipelineConfig
     for part in path.split("."):
         field = next(f for n, f in model.model_fields.items() if (f.alias or n) == part)
-        model = field.annotation
+        model = _optional_section(field.annotation) or field.annotation
     return model
 
 
@@ -121,7 +164,12 @@ def _mutations(config: PipelineConfig, path: str) -> list[PipelineConfig]:
     """Every valid config that differs from `config` in `path` (and its companions) by one candidate."""
     raw = config.model_dump(mode="json", by_alias=True)
     out = []
-    for candidate in _candidates(_get(raw, path), _annotation(path)):
+    value = _get(raw, path)
+    if path in SECTIONS:
+        candidates = [SECTIONS[path]] if value is None else [None]
+    else:
+        candidates = _candidates(value, _annotation(path))
+    for candidate in candidates:
         trial = json.loads(json.dumps(raw))
         _set(trial, path, candidate)
         for other, value in COMPANIONS.get(path, {}).items():
@@ -149,7 +197,10 @@ def test_every_config_field_changes_exactly_the_keys_of_the_stages_that_read_it(
     and every stage that reads it changes key for some value (nothing missed)."""
     before = _keys(config)
     wrong = []
+    raw = config.model_dump(mode="json", by_alias=True)
     for path in _leaves(PipelineConfig):
+        if not _present(raw, path):  # a field of an optional section that is off: see the "sections" config
+            continue
         touched = [path, *COMPANIONS.get(path, {})]
         expected = {s.name for s in STAGES if any(_reads(s, config, p) for p in touched)}
         seen: set[str] = set()

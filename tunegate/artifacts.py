@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,7 +110,17 @@ class EvalReport(Artifact):
     sets: dict[str, int] = Field(default_factory=dict, description="eval set -> rows")
     samples_path: str
     per_row_path: str | None = None
+    llm_judge_path: str | None = None  # the LLM judge's verdicts and rationales (`evaluate.llm_judge`)
     champion_version: str | None = None
+    benchmarks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "benchmark task -> what it was scored with (`evaluate.benchmarks`): task, include_path, "
+            "limit, num_fewshot (per task of a group, as lm-eval applied it), apply_chat_template, the "
+            "lm-eval version, the task versions, rows, metrics, and `task_hashes` (model label -> "
+            "lm-eval's hash of the rows, prompts and targets scored)"
+        ),
+    )
 
 
 class GateResult(Artifact):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -448,9 +449,145 @@ class AlignSection(PolicyTrainSection):
         return self
 
 
+class BenchmarkSpec(Section):
+    """A standard benchmark scored as a forgetting set: an lm-evaluation-harness task (or group)."""
+
+    task: str = Field(
+        description=(
+            "lm-evaluation-harness task, group or tag name, e.g. `arc_easy`, `hellaswag`; with "
+            "`include_path`, one defined there. Its per-row metrics are `bench.<task>.<metric>` (e.g. "
+            "`bench.arc_easy.acc`; a filter other than `none` appends `.<filter>`), gated like any other."
+        )
+    )
+    include_path: str | None = Field(
+        None,
+        description=(
+            "A local directory of task YAMLs (and their data) that defines `task`, read offline; "
+            "lm-eval's own tasks are then not searched. Relative paths, here and in the YAMLs' "
+            "`dataset_kwargs.data_files`, are read from the working directory, like data paths. The "
+            "evaluate stage's cache key holds the content of every file it defines and reads. Unset: "
+            "a task lm-eval ships, loading its dataset from the Hugging Face Hub."
+        ),
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Score only the first N rows (the same rows for every model); unset: every row.",
+    )
+    num_fewshot: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Worked examples put before each question (a task whose YAML sets `num_fewshot: 0` keeps 0); "
+            "drawn with `run.seed`, the same for every model."
+        ),
+    )
+    apply_chat_template: bool = Field(
+        False,
+        description=(
+            "Render each question with the model's chat template (as a user turn) instead of as plain "
+            "text. Off scores the raw language model, as the harness's published numbers do."
+        ),
+    )
+
+
+DEFAULT_JUDGE_GUIDELINES = (
+    "You grade one answer of a company's customer-support assistant. Answer yes only if the answer "
+    "(1) addresses the customer's question directly; (2) is correct: it agrees with the reference facts "
+    "when they are given, and states no price, limit, policy, product or other fact that contradicts them "
+    "or that it could not know (a made-up fact fails, however plausible); (3) is helpful: clear and "
+    "complete enough for the customer to act on. Otherwise answer no."
+)
+
+
+class LLMJudgeSection(Section):
+    """An LLM judge on an OpenAI-compatible endpoint (vLLM, Ollama, a hosted API), through MLflow's
+    judges (`mlflow.genai.judges.make_judge`): one yes/no verdict and a rationale per task row and model."""
+
+    base_url: str = Field(
+        description=(
+            "Root of the OpenAI-compatible API, usually ending in /v1: http://localhost:8000/v1 (vLLM), "
+            "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1. Requests go to "
+            "<base_url>/chat/completions; <base_url>/models is asked first, to fail in seconds on an "
+            "endpoint that is down or a key it refuses. No user name or password in the URL."
+        )
+    )
+    model: str = Field(
+        min_length=1, description="The judge model's name as the endpoint serves it (e.g. `gpt-4o-mini`)."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description=(
+            "Name of the environment variable that holds the endpoint's API key (e.g. JUDGE_API_KEY; "
+            "fill it from a Prefect Secret block with run.secrets). The name, never the key: only the "
+            "name enters the config, cache keys and MLflow. Unset: no key is sent (a local server)."
+        ),
+    )
+    guidelines: str = Field(
+        DEFAULT_JUDGE_GUIDELINES,
+        min_length=1,
+        description=(
+            "What a passing answer must do, in plain words. The judge also sees the conversation, the "
+            "answer and the row's reference facts (`expected_any`, `exact`) and answers yes or no. No "
+            "`{{ }}`: MLflow reserves them for its template variables."
+        ),
+    )
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the judge model.")
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Judge only the first N task rows (the same rows for every model); unset: every task row. "
+            "Each model costs one request per row."
+        ),
+    )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Timeout of each request to the endpoint. MLflow's judge retries a request that times out "
+            "or meets 429/5xx up to 10 times with backoff before the stage fails."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> LLMJudgeSection:
+        from urllib.parse import urlsplit
+
+        problems = []
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            problems.append(f"base_url {self.base_url!r} is not an http(s) URL")
+        elif has_credentials(self.base_url):
+            problems.append(
+                "base_url carries a user name or password: configs are logged to MLflow; put the key in "
+                "the variable named by api_key_env"
+            )
+        elif url.path.rstrip("/").endswith("/chat/completions"):
+            problems.append(
+                f"base_url {self.base_url!r} names the chat endpoint: give the API root "
+                "(e.g. http://localhost:8000/v1); tunegate adds /chat/completions"
+            )
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # Never echoed: what is there may be the key itself.
+            problems.append(
+                "api_key_env must be the name of an environment variable (letters, digits, _), "
+                "not the key: put the key in that variable"
+            )
+        if "{{" in self.guidelines or "}}" in self.guidelines:
+            problems.append(
+                "guidelines contain `{{` or `}}`, which MLflow's judge reserves for its variables"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class EvaluateSection(Section):
     max_new_tokens: int = Field(80, ge=1, le=4096, description="Greedy generation budget per eval prompt.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        16, ge=1, description="Prompts per generation batch; also requests per batch in `benchmarks`."
+    )
     min_eval_rows: int = Field(20, ge=1, description="Refuse to decide on fewer held-out prompts than this.")
     brand_prefix: str | None = Field(
         None, description="Every answer must start with this text (brand rubric); unset: not checked."
@@ -483,6 +620,33 @@ class EvaluateSection(Section):
         le=100_000,
         description="Resamples per BCa bootstrap interval (continuous metrics: eval_loss, reward_score).",
     )
+    llm_judge: LLMJudgeSection | None = Field(
+        None,
+        description=(
+            "An LLM judge on an OpenAI-compatible endpoint: `llm_judge_pass` per model, the share of task "
+            "answers it passes (a gate metric), its rationales in evaluation/llm_judge.jsonl. Unset: off."
+        ),
+    )
+    benchmarks: list[BenchmarkSpec] = Field(
+        default_factory=list,
+        description=(
+            "Standard benchmarks scored for every model (base, SFT, candidate, champion) with "
+            "lm-evaluation-harness, as forgetting sets: per-row metrics `bench.<task>.<metric>` with "
+            "intervals and paired differences like the canary set's, to gate with a baseline and a "
+            "negative `min_delta` (a regression budget). Scored by log-likelihood for multiple-choice "
+            "tasks (no generation). Empty: none."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_entry_per_task(self) -> EvaluateSection:
+        names = [b.task for b in self.benchmarks]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(
+                f"evaluate.benchmarks names {', '.join(twice)} more than once: each task's metrics are "
+                "`bench.<task>.<metric>`, so one entry per task"
+            )
+        return self
 
 
 GATE_STAGES = ("data", "reward", "sft", "final")
@@ -670,6 +834,20 @@ class PipelineConfig(Section):
                 for g in self.gates
                 if g.stage == "final" and (g.metric == "judge_score" or g.metric.startswith("win_rate_vs_"))
             ]
+        if self.evaluate.llm_judge is None:
+            problems += [
+                f"gates: {g.name!r} is decided by the LLM judge, and evaluate.llm_judge is not set "
+                "(set its base_url and model, or drop the gate)"
+                for g in self.gates
+                if g.stage == "final" and g.metric == "llm_judge_pass"
+            ]
+        if not self.evaluate.benchmarks:  # (a group's subtasks are named by lm-eval, not here)
+            problems += [
+                f"gates: {g.name!r} is decided on a benchmark, and evaluate.benchmarks is empty (add the "
+                "task there, or drop the gate)"
+                for g in self.gates
+                if g.stage == "final" and g.metric.startswith("bench.")
+            ]
         if not self.uses_alignment:
             problems += [
                 f"gates: {g.name!r} compares the candidate with the SFT model, and with align.method=none "
@@ -790,8 +968,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> PipelineConf
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key" + _suggest(err["loc"])
+            if err["type"] == "extra_forbidden":  # the name is enough; the value may be a misplaced secret
+                msg, shown = "unknown key" + _suggest(err["loc"]), ""
             problems.append(f"{loc}: {msg}{shown}")
         raise ConfigError(problems, source) from None
 
@@ -803,6 +981,8 @@ def _suggest(loc: tuple[Any, ...]) -> str:
         if field is None:
             field = next((f for f in model.model_fields.values() if f.alias == part), None) if model else None
         ann = field.annotation if field else None
+        sections = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = sections[0] if sections else ann  # an optional section: `LLMJudgeSection | None`
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     if model is None:
         return ""

@@ -17,6 +17,7 @@ LIBRARIES = (
     "accelerate",
     "datasets",
     "great_expectations",
+    "lm_eval",
     "mlflow",
     "prefect",
 )
