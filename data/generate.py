@@ -15,10 +15,8 @@ It writes four files in TRL's formats:
                      task (product facts: `expected_any`, prices also a `regex`), canary (general
                      questions the base model answers: forgetting) and safety (`refuse: true`)
 
-Three disjoint sets of question phrasings: SFT conversations and preference pairs use one, RL prompts
-a second (questions labelled with the fact they ask about, no written answer), the eval set a third
-that never appears in any training file, so a model must generalise the facts, not recall the exact
-question.
+Eval questions are phrased with templates that never appear in the training files, so a model must
+generalise the facts, not recall the exact question.
 """
 
 from __future__ import annotations
@@ -330,125 +328,6 @@ FACTS: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     ),
 }
 
-# fact id -> how RL prompts ask for it: phrasings neither the SFT conversations nor the eval set use.
-# A team has many more real questions than answered conversations: labelling a question with the
-# fact it asks about (its checks) is cheap, writing the answer is not. Online RL learns from these
-# with the checks as a verifiable reward; the eval set's phrasings stay apart from both.
-RL_QUESTIONS: dict[str, list[str]] = {
-    "pup_price": [
-        "What's the Pup plan going to cost me each month?",
-        "Pup plan pricing, please.",
-        "How pricey is Pup per month?",
-        "Monthly cost for a Pup membership?",
-        "What do you charge for Pup?",
-        "Can you give me the Pup plan's monthly rate?",
-    ],
-    "pack_price": [
-        "What's the Pack plan going to cost me each month?",
-        "Pack plan pricing, please.",
-        "How pricey is Pack per month?",
-        "Monthly cost for a Pack membership?",
-        "What do you charge for Pack?",
-        "Can you give me the Pack plan's monthly rate?",
-    ],
-    "den_price": [
-        "What's the Den plan going to cost me each month?",
-        "Den plan pricing, please.",
-        "How pricey is Den per month?",
-        "Monthly cost for a Den membership?",
-        "What do you charge for Den?",
-        "Can you give me the Den plan's monthly rate?",
-    ],
-    "pup_pets": [
-        "How many of my animals does Pup include?",
-        "Could I add a second pet to my Pup plan?",
-        "On Pup, how many pets are allowed?",
-        "Pet count for the Pup membership?",
-        "Up to how many pets does Pup take?",
-        "How many pets can share one Pup plan?",
-    ],
-    "pack_pets": [
-        "How many of my animals does Pack include?",
-        "Could I add a fifth pet to my Pack plan?",
-        "On Pack, how many pets are allowed?",
-        "Pet count for the Pack membership?",
-        "Up to how many pets does Pack take?",
-        "How many pets can share one Pack plan?",
-    ],
-    "den_pets": [
-        "How many of my animals does Den include?",
-        "Could I add all my pets to my Den plan? How many is the limit?",
-        "On Den, how many pets are allowed?",
-        "Pet count for the Den membership?",
-        "Up to how many pets does Den take?",
-        "How many pets can share one Den plan?",
-    ],
-    "trial": [
-        "Do I get some free days before paying?",
-        "How many free days come with a new membership?",
-        "Can I test the service for a while at no cost?",
-        "Is the start of the membership free? How many days?",
-        "How long before my first payment?",
-        "What's the trial length for new members?",
-    ],
-    "refund": [
-        "Until when can I get a charge refunded?",
-        "How many days after paying can I still get a refund?",
-        "Can I be refunded if I'm unhappy? How long do I have?",
-        "What's the time limit to ask for my money back?",
-        "Is a refund possible a few weeks after a charge?",
-        "How long is the refund period?",
-    ],
-    "support_hours": [
-        "What time does the care team start and stop?",
-        "When can I get someone from support on the line?",
-        "Which hours is the care team reachable?",
-        "Is your care team available in the evening?",
-        "From when to when is support open?",
-        "What are the care team's hours?",
-    ],
-    "vet_chats": [
-        "How many vet chats come with Pup each month?",
-        "Is there a monthly limit on talking to a vet?",
-        "How many chats with a vet does my membership give me?",
-        "Can I message a vet every day?",
-        "What's the number of vet chats per month on each plan?",
-        "Are vet chats limited on the cheapest plan?",
-    ],
-    "cancel": [
-        "How do I stop paying for Brightpaw?",
-        "Where do I go to cancel my membership in the app?",
-        "What's the way to end my subscription?",
-        "I'm done with Brightpaw, how do I cancel?",
-        "Can you tell me where to cancel?",
-        "Which screen has the cancel option?",
-    ],
-    "export": [
-        "Where do I export my pet records in the app?",
-        "How do I download a copy of my pet's records?",
-        "Can I get my data out of Brightpaw?",
-        "What's the way to export everything about my pets?",
-        "Where's the option to download my data?",
-        "How do I save my records as a file?",
-    ],
-    "annual": [
-        "How much do I save if I pay once a year?",
-        "What's the discount for yearly billing?",
-        "Is paying annually any cheaper? By how much?",
-        "Does an annual plan cost less?",
-        "What percentage do I save paying yearly?",
-        "Any savings if I pay for the year up front?",
-    ],
-    "shipping": [
-        "How much do I have to order to get free shipping?",
-        "What's the minimum order for free delivery of treats?",
-        "Do small treat orders ship free?",
-        "When is treat box shipping free?",
-        "What's the free delivery threshold?",
-        "How big must an order be to ship free?",
-    ],
-}
-
 OPENERS = [
     "",
     "Hi! ",
@@ -640,9 +519,8 @@ def _questions(rng: random.Random, templates: list[str], n: int) -> list[str]:
     return [f"{o}{c}{t}" if o or c else t for o, c, t in combos[:n]]
 
 
-def generate(seed: int = 7, per_fact: int = 32, rl_per_fact: int = 8) -> dict[str, list[dict]]:
+def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
     """Build every demo file's rows. Deterministic for a given seed."""
-    assert RL_QUESTIONS.keys() == FACTS.keys()
     rng = random.Random(seed)
     sft, prefs, prompts, evals = [], [], [], []
     for fact_id, (answer, expected, train_qs, eval_qs) in FACTS.items():
@@ -668,6 +546,12 @@ def generate(seed: int = 7, per_fact: int = 32, rl_per_fact: int = 8) -> dict[st
                     "rejected": [{"role": "assistant", "content": rejected}],
                 }
             )
+        for q in questions[2 * per_fact : 2 * per_fact + 8]:
+            # The same checks as the fact's eval rows: online RL is rewarded by what evaluation scores.
+            prompt = {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
+            if fact_id.endswith("_price"):
+                prompt["regex"] = PRICE_FORMAT
+            prompts.append(prompt)
         for q in eval_qs:
             row = {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
             if fact_id.endswith("_price"):
@@ -699,13 +583,6 @@ def generate(seed: int = 7, per_fact: int = 32, rl_per_fact: int = 8) -> dict[st
     extra = random.Random(seed + 1)
     for request, _ in SAFETY_TRAIN:
         prompts.append({"prompt": conversation(f"{extra.choice(OPENERS)}{request}"), "refuse": True})
-    for fact_id, (_, expected, _, _) in FACTS.items():
-        for q in _questions(extra, RL_QUESTIONS[fact_id], rl_per_fact):
-            # The same checks as the fact's eval rows: online RL is rewarded by what evaluation scores.
-            prompt = {"prompt": conversation(q), "expected_any": expected, "fact": fact_id}
-            if fact_id.endswith("_price"):
-                prompt["regex"] = PRICE_FORMAT
-            prompts.append(prompt)
     for rows in (sft, prefs, prompts):
         rng.shuffle(rows)
     return {"sft": sft, "preferences": prefs, "prompts": prompts, "eval": evals}
