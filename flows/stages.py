@@ -86,7 +86,13 @@ PRODUCE: tuple[Stage, ...] = (
         "build", "tasks.build:build_datasets", "dataset", ("build_needed", "@validated"), {"seed": "run.seed"}
     ),
     Stage(
-        "sft", "tasks.sft:train_sft", "sft", ("sft", "@dataset", "@base"), _TRAINING, trains=True, gates="sft"
+        "sft",
+        "tasks.sft:train_sft",
+        "sft",
+        ("sft", "@dataset[sft_train,sft_eval]", "@base"),
+        _TRAINING,
+        trains=True,
+        gates="sft",
     ),
     Stage(
         "reward-backbone",
@@ -100,7 +106,7 @@ PRODUCE: tuple[Stage, ...] = (
         "reward-model",
         "tasks.reward:train_reward_model",
         "reward",
-        ("reward", "@dataset", "@backbone"),
+        ("reward", "@dataset[pref_train,pref_eval]", "@backbone"),
         _TRAINING,
         trains=True,
         when=lambda c: c.uses_reward_model,
@@ -112,7 +118,7 @@ PRODUCE: tuple[Stage, ...] = (
         "judge-model",
         "tasks.reward:train_judge_model",
         "judge",
-        ("reward", "@dataset", "@backbone"),
+        ("reward", "@dataset[pref_judge,pref_eval]", "@backbone"),
         _TRAINING,
         trains=True,
         when=lambda c: c.uses_judge,
@@ -121,7 +127,7 @@ PRODUCE: tuple[Stage, ...] = (
         "align",
         "tasks.align:align_policy",
         "aligned",
-        ("align", "@dataset", "@sft", "@reward", "@judge"),
+        ("align", "@dataset[prompts,pref_train,sft_eval]", "@sft", "@reward", "@judge"),
         # The prompts' checks reward what evaluation scores, with evaluation's brand and refusal settings.
         {**_TRAINING, **{k: f"evaluate.{k}" for k in ("brand_prefix", "brand_suffix", "refusal_markers")}},
         trains=True,
@@ -133,7 +139,7 @@ DECIDE: tuple[Stage, ...] = (
         "evaluate",
         "tasks.evaluate:evaluate_models",
         "report",
-        ("evaluate", "@dataset", "@models", "@reward", "@judge"),
+        ("evaluate", "@dataset[eval,sft_eval]", "@models", "@reward", "@judge"),
         {"seed": "run.seed", "champion_version": "@champion_version"},
     ),
     Stage("gates", "tasks.gates:apply_gates", "verdict", ("gates", "@report"), cached=False),
@@ -150,9 +156,17 @@ DERIVED: dict[str, tuple[str, ...]] = {
 
 
 def resolve(ref: str, config: PipelineConfig, context: dict[str, Any]) -> Any:
-    """A config value by dotted path (sections by their YAML names) or an artifact by `@name`."""
+    """A config value by dotted path (sections by their YAML names), an artifact by `@name`, or the
+    named splits of the built dataset, `@dataset[sft_train,sft_eval]`: the stage is called with those
+    splits only, so its key holds exactly what it reads (new RL prompts do not retrain SFT), and a
+    split it reads without declaring it is a KeyError in every run, never a stale cache hit."""
     if ref.startswith("@"):
-        return context.get(ref[1:])
+        name, _, splits = ref[1:].partition("[")
+        value = context.get(name)
+        if splits and value is not None:
+            keep = splits.removesuffix("]").split(",")
+            value = value.model_copy(update={"splits": {k: v for k, v in value.splits.items() if k in keep}})
+        return value
     value: Any = config
     for part in ref.split("."):
         value = getattr(value, "validate_" if value is config and part == "validate" else part)

@@ -32,7 +32,8 @@ def _model(role: str, digest: str) -> ModelArtifact:
 def _context() -> dict[str, Any]:
     files = {k: DataFile(kind=k, path=f"/v/{k}.jsonl", rows=3, sha256=k * 4) for k in ("sft", "eval")}
     splits = {
-        k: DataFile(kind=k, path=f"/d/{k}.parquet", rows=3, sha256=k * 2) for k in ("sft_train", "eval")
+        k: DataFile(kind=k, path=f"/d/{k}.parquet", rows=3, sha256=k * 2)
+        for k in ("sft_train", "sft_eval", "pref_train", "pref_judge", "pref_eval", "prompts", "eval")
     }
     return {
         "base": _model("base", "b0"),
@@ -244,6 +245,38 @@ def test_keys_follow_content_not_locations(config, tmp_path):
     assert stage_key(validate, elsewhere, ctx, "c") == key
     (copy / "sft.jsonl").write_text('{"kind": "changed"}\n')
     assert stage_key(validate, elsewhere, ctx, "c") != key
+
+
+def test_a_split_changes_only_the_keys_of_the_stages_that_read_it(config):
+    """Each training or evaluation stage declares the splits it reads (`@dataset[...]`), is called with
+    those alone, and is keyed by those alone: new RL prompts retrain neither SFT nor the reward models."""
+    ctx = _context()
+    readers = {
+        "sft_train": {"sft"},
+        "sft_eval": {"sft", "align", "evaluate"},
+        "pref_train": {"reward-model", "align"},  # align: DPO trains on the pairs
+        "pref_judge": {"judge-model"},
+        "pref_eval": {"reward-model", "judge-model"},
+        "prompts": {"align"},
+        "eval": {"evaluate"},
+    }
+    for split, expected in readers.items():
+        dataset = ctx["dataset"]
+        changed_split = dataset.splits[split].model_copy(update={"sha256": "new"})
+        other = dict(
+            ctx, dataset=dataset.model_copy(update={"splits": {**dataset.splits, split: changed_split}})
+        )
+        changed = {
+            s.name
+            for s in STAGES
+            if s.name not in ("validate", "build")
+            and stage_key(s, config, ctx, "c") != stage_key(s, config, other, "c")
+        }
+        assert changed == expected, split
+    sft = next(s for s in STAGES if s.name == "sft")
+    args, _ = call_arguments(sft, config, ctx)
+    dataset = next(a for a in args if isinstance(a, InstructionDataset))
+    assert set(dataset.splits) == {"sft_train", "sft_eval"}  # reading "prompts" there is a KeyError
 
 
 def test_the_judge_reaches_only_the_guard_and_evaluation(config):
