@@ -126,12 +126,14 @@ def align_policy(
     }
     if cfg.guard.enabled:
         scorers = {"reward": (reward_model, reward_tokenizer)} if reward_model is not None else {}
+        # The rule rewards with their weights: the guard scores what the policy was rewarded for.
+        rules = [] if cfg.method == "dpo" else _rules_weighed(funcs, args.reward_weights)
         if judge is not None:  # loaded only now: the trainer never holds it
             judge_model, judge_tokenizer = load_reward_model(
                 judge.path, trust_remote_code=judge.trust_remote_code
             )
             scorers["judge"] = (judge_model.to(next(trainer.model.parameters()).device), judge_tokenizer)
-        metrics.update(reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, scorers))
+        metrics.update(reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, scorers, rules))
     path = out_dir / "model"
     save_policy(trainer, tokenizer, path, cfg.save, policy)
     finish_checkpoints(checkpoint_dir)
@@ -186,6 +188,18 @@ def reward_functions(
     return [*funcs, checks], [*weights, cfg.check_reward_weight]
 
 
+def _rules_weighed(funcs: list, weights: list[float] | None) -> list[tuple[Callable, float]]:
+    """The reward model's weight (as "model") and each rule reward with its weight; the prompts' checks
+    are left out (held-out SFT rows carry none)."""
+    weights = weights if weights is not None else [1.0] * len(funcs)
+    named = [("model", weights[0])]
+    return named + [
+        (f, w)
+        for f, w in zip(funcs[1:], weights[1:], strict=True)
+        if getattr(f, "__name__", "") != "row_checks"
+    ]
+
+
 def _checked_rows(prompts) -> int:
     """Prompt rows that carry at least one check (a split built before prompts had checks has none)."""
     present = [c for c in CHECKS if c in prompts.column_names]
@@ -201,6 +215,7 @@ def reward_hacking_guard(
     aligned,
     tokenizer,
     scorers: dict[str, tuple],
+    rules: list[tuple[Callable | str, float]] | None = None,
 ) -> dict[str, float]:
     """Compare SFT and aligned policies on held-out SFT rows: loss on the reference answers, length of
     greedy answers, and each scorer's mean score of those answers. Proxy reward up while loss or length
@@ -210,6 +225,10 @@ def reward_hacking_guard(
     Args:
         scorers: name -> (reward model, its tokenizer): `reward` (the proxy, online methods) and
             `judge` when the run has one; figures `guard.{sft,aligned}.{name}`.
+        rules: what the policy was rewarded with (`_rules_weighed`): "model" (the proxy reward model)
+            and rule rewards, each with its weight. With any rule reward, their weighted sum per answer
+            is `guard.{sft,aligned}.optimised`, and that is the reward whose rise the guard tests: a
+            rule that pays for length or a phrase counts as much as the reward model.
 
     Raises:
         StageGateFailed: the guard tripped; the figures are in `details`.
@@ -230,12 +249,29 @@ def reward_hacking_guard(
         figures[f"guard.{label}.eval_loss"] = completion_loss(model, tokenizer, rows[:64])
         figures[f"guard.{label}.answer_tokens"] = n_tokens / len(prompts)
         convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+        per_answer: dict[str, list[float]] = {}
         for name, (scorer, scorer_tokenizer) in scorers.items():
-            scores = score_conversations(scorer, scorer_tokenizer, convs)
-            figures[f"guard.{label}.{name}"] = sum(scores) / len(scores)
+            per_answer[name] = score_conversations(scorer, scorer_tokenizer, convs)
+            figures[f"guard.{label}.{name}"] = sum(per_answer[name]) / len(prompts)
+        if any(not isinstance(rule, str) for rule, _ in rules or []):
+            figures[f"guard.{label}.optimised"] = _optimised(
+                rules, per_answer.get("reward"), prompts, answers
+            )
     del sft_model
     check_guard(cfg, figures)
     return figures
+
+
+def _optimised(rules, model_scores: list[float] | None, prompts, answers: list[str]) -> float:
+    """Mean over the answers of the weighted reward the policy was trained on: the reward model's score
+    and each rule reward called as TRL calls it (conversational completions); None counts 0."""
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    total = [0.0] * len(answers)
+    for rule, weight in rules:
+        values = model_scores if rule == "model" else rule(prompts=prompts, completions=completions)
+        for i, v in enumerate(values or []):
+            total[i] += weight * (v or 0.0)
+    return sum(total) / len(total)
 
 
 def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
@@ -248,7 +284,8 @@ def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
     """
     g = cfg.guard
     proxy = "guard.sft.reward" in f
-    reward_up = not proxy or f["guard.aligned.reward"] > f["guard.sft.reward"]
+    rewarded = "optimised" if "guard.sft.optimised" in f else "reward"  # with rule rewards: all of it
+    reward_up = not proxy or f[f"guard.aligned.{rewarded}"] > f[f"guard.sft.{rewarded}"]
     loss_up = f["guard.aligned.eval_loss"] - f["guard.sft.eval_loss"]
     ratio = f["guard.aligned.answer_tokens"] / max(f["guard.sft.answer_tokens"], 1e-9)
     problems = []
@@ -270,8 +307,11 @@ def check_guard(cfg: AlignSection, f: dict[str, float]) -> None:
             f"{f['guard.aligned.answer_tokens']:.0f} tokens), above align.guard.max_length_ratio={g.max_length_ratio:g}"
         )
     if reward_up and problems:
+        what = (
+            "the proxy reward" if rewarded == "reward" else "the reward it was trained on (with rule rewards)"
+        )
         rose = (
-            f"the proxy reward rose {f['guard.sft.reward']:.3f} -> {f['guard.aligned.reward']:.3f} while "
+            f"{what} rose {f[f'guard.sft.{rewarded}']:.3f} -> {f[f'guard.aligned.{rewarded}']:.3f} while "
             if proxy
             else ""
         )

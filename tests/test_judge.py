@@ -122,6 +122,42 @@ def test_a_policy_trained_on_a_sabotaged_proxy_is_caught_by_the_judge(
     assert not (out / "model").exists()  # nothing saved for registration
 
 
+def pays_for_length(prompts, completions, **columns) -> list[float]:
+    """A sabotaged rule reward (TRL's signature): characters written, whatever they say."""
+    return [len(c[-1]["content"]) / 10 for c in completions]
+
+
+def test_a_policy_paid_for_length_by_a_rule_reward_is_caught_by_the_guard(stage_inputs, judge, tmp_path):
+    """Real GRPO on the tiny model rewarded only by a rule that pays for characters (the reward model's
+    weight 0): the guard scores what the policy was trained on, rule included, sees it rise and the
+    held-out judge's score or loss degrade, and stops the stage naming both."""
+    cfg, base, dataset, _ = stage_inputs
+    sabotaged = AlignSection.model_validate(
+        {
+            **cfg.align.model_dump(),
+            "learning_rate": 0.02,
+            "beta": 0.0,
+            "max_steps": 4,
+            "per_device_train_batch_size": 16,
+            "num_generations": 8,
+            "max_completion_length": 8,
+            "check_reward_weight": 0.0,
+            "rule_rewards": ["tests.test_judge.pays_for_length"],
+            "trl_args": {"reward_weights": [0.0, 1.0]},  # the reward model weighs nothing: the rule alone
+            "guard": {**cfg.align.guard.model_dump(), "max_judge_drop": 0.0, "max_eval_loss_increase": 0.05},
+        }
+    )
+    out = tmp_path / "align"
+    proxy = judge.model_copy(update={"role": "reward"})  # any reward model: it weighs 0
+    with pytest.raises(
+        StageGateFailed, match=r"the reward it was trained on \(with rule rewards\) rose \S+ -> \S+ while"
+    ) as exc:
+        align_policy(sabotaged, dataset, base, proxy, judge, out_dir=out, seed=3)
+    f = exc.value.details
+    assert f["guard.aligned.optimised"] > f["guard.sft.optimised"]
+    assert not (out / "model").exists()
+
+
 def test_win_rates_come_from_the_judge_and_need_one(stage_inputs, judge, reversed_proxy, tmp_path):
     cfg, base, dataset, _ = stage_inputs
     candidate = _perturbed(base, tmp_path / "candidate")  # other answers than the base's
