@@ -12,6 +12,7 @@ from pathlib import Path
 from data_checks.readers import outside_roots, resolve_paths
 from tasks.benchmarks import definition_files
 from tunegate.config import PipelineConfig
+from tunegate.environment import lent_environ
 from tunegate.errors import ConfigError
 
 # os.pathsep-separated directories; when set (the worker's environment, see `tunegate up`), every
@@ -62,24 +63,17 @@ def secrets_from_blocks(mapping: dict[str, str]) -> Iterator[list[str]]:
     """
     from prefect.blocks.system import Secret
 
-    saved: dict[str, str | None] = {}
-    try:
-        for var, block in mapping.items():
-            try:
-                value = Secret.load(block).get()
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(
-                    [
-                        f"run.secrets.{var}: no Prefect Secret block named {block!r} ({type(exc).__name__}); "
-                        f"create it in the UI (Blocks → Secret) or with Secret(value=...).save({block!r})"
-                    ]
-                ) from None
-            saved[var] = os.environ.get(var)
-            os.environ[var] = value if isinstance(value, str) else str(value)
+    values: dict[str, str] = {}
+    for var, block in mapping.items():  # every block read before any variable is set
+        try:
+            value = Secret.load(block).get()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                [
+                    f"run.secrets.{var}: no Prefect Secret block named {block!r} ({type(exc).__name__}); "
+                    f"create it in the UI (Blocks → Secret) or with Secret(value=...).save({block!r})"
+                ]
+            ) from None
+        values[var] = value if isinstance(value, str) else str(value)
+    with lent_environ(values):
         yield sorted(mapping)
-    finally:
-        for var, old in saved.items():
-            if old is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = old

@@ -57,6 +57,7 @@ from tunegate.artifacts import (
     Registration,
 )
 from tunegate.config import PipelineConfig
+from tunegate.environment import lent_environ
 from tunegate.errors import ConfigError, DataValidationError, StageGateFailed, StoreUnavailable
 from tunegate.out_of_memory import as_stage_error
 from tunegate.provenance import code_version, git_commit, library_versions
@@ -160,16 +161,8 @@ def _mlflow_http_limits(reg) -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(reg.timeout_s))),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"),
     }
-    saved = {k: os.environ.get(k) for k in limits}
-    os.environ.update(limits)
-    try:
+    with lent_environ(limits):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _tracking_server_unreachable(exc: BaseException | None, uri: str) -> bool:

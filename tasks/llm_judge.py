@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.config import LLMJudgeSection
+from tunegate.environment import lent_environ
 from tunegate.errors import ConfigError, TunegateError
 from tunegate.out_of_memory import causes
 
@@ -210,16 +211,8 @@ def _judge_env(cfg: LLMJudgeSection) -> Iterator[None]:
         "MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS": str(math.ceil(cfg.timeout_s)),
         "MLFLOW_MODEL_CATALOG_URI": "",
     }
-    saved = {k: os.environ.get(k) for k in lent}
-    os.environ.update(lent)
-    try:
+    with lent_environ(lent):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _api_key(cfg: LLMJudgeSection) -> str | None:
