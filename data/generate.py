@@ -589,14 +589,18 @@ def generate(seed: int = 7, per_fact: int = 32) -> dict[str, list[dict]]:
 
 
 def write(out: Path, rows_by_kind: dict[str, list[dict]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     for kind, rows in rows_by_kind.items():
-        path = out / f"{kind}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_jsonl(out / f"{kind}.jsonl", rows)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written beside and moved into place: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def main() -> None:

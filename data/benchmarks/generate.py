@@ -14,9 +14,12 @@ eval set's canary questions and the general questions SFT trains on (`data/gener
 from __future__ import annotations
 
 import argparse
-import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from generate import write_jsonl  # noqa: E402  (data/generate.py)
 
 # (question, right answer, three wrong answers of the same kind)
 QUESTIONS: list[tuple[str, str, list[str]]] = [
@@ -107,22 +110,13 @@ def generate(seed: int = 7) -> list[dict]:
     return rows
 
 
-def write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "general_mc" / "general_mc.jsonl")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     rows = generate(args.seed)
-    write(args.out, rows)
+    write_jsonl(args.out, rows)
     print(f"general_mc: {len(rows)} rows -> {args.out}")
 
 
