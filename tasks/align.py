@@ -125,15 +125,10 @@ def align_policy(
         **telemetry.totals(),
     }
     if cfg.guard.enabled:
-        scorers = {"reward": (reward_model, reward_tokenizer)} if reward_model is not None else {}
+        proxy = (reward_model, reward_tokenizer) if reward_model is not None else None
         # The rule rewards with their weights: the guard scores what the policy was rewarded for.
         rules = [] if cfg.method == "dpo" else _rules_weighed(funcs, args.reward_weights)
-        if judge is not None:  # loaded only now: the trainer never holds it
-            judge_model, judge_tokenizer = load_reward_model(
-                judge.path, trust_remote_code=judge.trust_remote_code
-            )
-            scorers["judge"] = (judge_model.to(next(trainer.model.parameters()).device), judge_tokenizer)
-        metrics.update(reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, scorers, rules))
+        metrics.update(reward_hacking_guard(cfg, data, policy, trainer.model, tokenizer, proxy, judge, rules))
     path = out_dir / "model"
     save_policy(trainer, tokenizer, path, cfg.save, policy)
     finish_checkpoints(checkpoint_dir)
@@ -214,7 +209,8 @@ def reward_hacking_guard(
     sft: ModelArtifact,
     aligned,
     tokenizer,
-    scorers: dict[str, tuple],
+    proxy: tuple | None,
+    judge: ModelArtifact | None = None,
     rules: list[tuple[Callable | str, float]] | None = None,
 ) -> dict[str, float]:
     """Compare SFT and aligned policies on held-out SFT rows: loss on the reference answers, length of
@@ -223,8 +219,9 @@ def reward_hacking_guard(
     proxy: the stage fails.
 
     Args:
-        scorers: name -> (reward model, its tokenizer): `reward` (the proxy, online methods) and
-            `judge` when the run has one; figures `guard.{sft,aligned}.{name}`.
+        proxy: (reward model, its tokenizer), the proxy online methods optimised; None for dpo.
+        judge: the judge's record, loaded here (the trainer never holds it); None: no judge check.
+            Figures `guard.{sft,aligned}.reward` and `.judge`.
         rules: what the policy was rewarded with (`_rules_weighed`): "model" (the proxy reward model)
             and rule rewards, each with its weight. With any rule reward, their weighted sum per answer
             is `guard.{sft,aligned}.optimised`, and that is the reward whose rise the guard tests: a
@@ -240,6 +237,12 @@ def reward_hacking_guard(
         log.warning("reward-hacking guard skipped: no held-out SFT rows")
         return {}
     prompts = [r["prompt"] for r in rows[: cfg.guard.prompts]]
+    scorers = {"reward": proxy} if proxy is not None else {}
+    if judge is not None:
+        judge_model, judge_tokenizer = load_reward_model(
+            judge.path, trust_remote_code=judge.trust_remote_code
+        )
+        scorers["judge"] = (judge_model.to(next(aligned.parameters()).device), judge_tokenizer)
     gen = EvaluateSection(max_new_tokens=cfg.max_completion_length, batch_size=16)
     sft_model, _ = load_causal_lm(sft.path, trust_remote_code=sft.trust_remote_code)
     figures: dict[str, float] = {}

@@ -85,6 +85,17 @@ def test_the_guard_trips_when_the_proxy_rises_as_the_judge_falls():
     check_guard(cfg, {**no_judge, "guard.aligned.reward": 2.0})  # no judge: the loss and length checks only
 
 
+def _sabotaged(align: AlignSection, max_eval_loss_increase: float | None = None, **changes) -> AlignSection:
+    """GRPO that follows its reward hard on the tiny model (high learning rate, no KL, 16 completions a
+    step), without the prompts' checks, and a guard with no judge tolerance."""
+    guard = {**align.guard.model_dump(), "max_judge_drop": 0.0}
+    if max_eval_loss_increase is not None:
+        guard["max_eval_loss_increase"] = max_eval_loss_increase
+    settings = {"learning_rate": 0.02, "beta": 0.0, "max_steps": 4, "per_device_train_batch_size": 16}
+    settings |= {"num_generations": 8, "check_reward_weight": 0.0, "guard": guard}
+    return AlignSection.model_validate({**align.model_dump(), **settings, **changes})
+
+
 def test_a_policy_trained_on_a_sabotaged_proxy_is_caught_by_the_judge(
     stage_inputs, judge, reversed_proxy, tmp_path
 ):
@@ -95,19 +106,7 @@ def test_a_policy_trained_on_a_sabotaged_proxy_is_caught_by_the_judge(
     answers far (proxy 0.051 -> 0.064). The tolerance is 0: two-step reward models on a random
     backbone score within ±0.1."""
     cfg, base, dataset, _ = stage_inputs
-    sabotaged = AlignSection.model_validate(
-        {
-            **cfg.align.model_dump(),
-            "learning_rate": 0.02,
-            "beta": 0.0,
-            "max_steps": 4,
-            "per_device_train_batch_size": 16,
-            "num_generations": 8,
-            "max_completion_length": 4,
-            "check_reward_weight": 0.0,  # the proxy alone drives the policy
-            "guard": {**cfg.align.guard.model_dump(), "max_judge_drop": 0.0},
-        }
-    )
+    sabotaged = _sabotaged(cfg.align, max_completion_length=4)  # the proxy alone drives the policy
     out = tmp_path / "align"
     with pytest.raises(
         StageGateFailed,
@@ -132,20 +131,12 @@ def test_a_policy_paid_for_length_by_a_rule_reward_is_caught_by_the_guard(stage_
     weight 0): the guard scores what the policy was trained on, rule included, sees it rise and the
     held-out judge's score or loss degrade, and stops the stage naming both."""
     cfg, base, dataset, _ = stage_inputs
-    sabotaged = AlignSection.model_validate(
-        {
-            **cfg.align.model_dump(),
-            "learning_rate": 0.02,
-            "beta": 0.0,
-            "max_steps": 4,
-            "per_device_train_batch_size": 16,
-            "num_generations": 8,
-            "max_completion_length": 8,
-            "check_reward_weight": 0.0,
-            "rule_rewards": ["tests.test_judge.pays_for_length"],
-            "trl_args": {"reward_weights": [0.0, 1.0]},  # the reward model weighs nothing: the rule alone
-            "guard": {**cfg.align.guard.model_dump(), "max_judge_drop": 0.0, "max_eval_loss_increase": 0.05},
-        }
+    sabotaged = _sabotaged(
+        cfg.align,
+        max_completion_length=8,
+        rule_rewards=["tests.test_judge.pays_for_length"],
+        trl_args={"reward_weights": [0.0, 1.0]},  # the reward model weighs nothing: the rule alone
+        max_eval_loss_increase=0.05,
     )
     out = tmp_path / "align"
     proxy = judge.model_copy(update={"role": "reward"})  # any reward model: it weighs 0
