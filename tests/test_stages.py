@@ -140,6 +140,26 @@ def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model
     assert all("candidate.checks" in s for s in samples)
 
 
+def test_batched_generation_answers_each_prompt_as_alone(tiny_model, demo_rows):
+    """Left-padded batches of prompts of mixed lengths: each answer equals the one its prompt gets on
+    its own, so `evaluate.batch_size` trades memory for speed and never changes a verdict."""
+    from tasks.evaluate import generate_answers
+    from tasks.model_io import load_causal_lm
+    from tunegate.config import EvaluateSection
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    model.eval()
+    side = tokenizer.padding_side
+    prompts = [r["messages"][:-1] for r in demo_rows["sft"][:7]]
+    assert len({len(str(p)) for p in prompts}) > 1  # lengths differ: the batches pad
+    batched, n = generate_answers(model, tokenizer, prompts, EvaluateSection(max_new_tokens=8, batch_size=7))
+    alone = [
+        generate_answers(model, tokenizer, [p], EvaluateSection(max_new_tokens=8))[0][0] for p in prompts
+    ]
+    assert batched == alone
+    assert n > 0 and tokenizer.padding_side == side
+
+
 def test_evaluate_refuses_too_few_prompts(stage_inputs, sft_model):
     cfg, base, dataset, work = stage_inputs
     strict = cfg.evaluate.model_copy(update={"min_eval_rows": 10_000})
