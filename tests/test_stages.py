@@ -142,7 +142,9 @@ def test_evaluate_scores_every_model_on_the_same_prompts(stage_inputs, sft_model
 
 def test_batched_generation_answers_each_prompt_as_alone(tiny_model, demo_rows):
     """Left-padded batches of prompts of mixed lengths: each answer equals the one its prompt gets on
-    its own, so `evaluate.batch_size` trades memory for speed and never changes a verdict."""
+    its own (padding leaks into no answer), so `evaluate.batch_size` trades memory for speed. (Greedy
+    decoding can still flip a near-tie in float arithmetic; benchmarks/eval_batch.py checks the demo's
+    answers at each size.)"""
     from tasks.evaluate import generate_answers
     from tasks.model_io import load_causal_lm
     from tunegate.config import EvaluateSection
