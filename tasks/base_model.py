@@ -123,18 +123,32 @@ def _convert_packaged_gguf(package: str, cache_dir: Path) -> Path:
         return target
     log.info("converting %s to a safetensors model directory at %s (once)", gguf.name, target)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = str(gguf.parent)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=True)
+    # The loaded model's config, less its GGUF quantisation record: parsing the file again for the
+    # config costs seconds (its 49k-token vocabulary).
+    settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    config = type(gguf_model.config).from_dict(settings)
+    with torch.device("meta"):  # no random init of weights that are replaced at once
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False, assign=True)
     # Tied embeddings show up as a "missing" lm_head; anything else means a broken conversion.
     real_missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if real_missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={real_missing} unexpected={unexpected}")
+    model.tie_weights()
+    # Buffers left out of the state dict (rotary frequencies) are computed at init: take the GGUF model's.
+    source_buffers = dict(gguf_model.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and name in source_buffers:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, source_buffers[name])
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"GGUF conversion left tensors unset: {still_meta[:5]}")
     model.generation_config = gguf_model.generation_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -360,15 +360,19 @@ def completion_losses(
     import torch
 
     device = next(model.parameters()).device
-    sums: list[float] = []
-    counts: list[int] = []
+    encoded = []
+    for row in rows:
+        p = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
+        full = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
+        encoded.append((full, [-100] * len(p) + full[len(p) :]))
+    # Batches of similar length: a forward pass pays for every padding position it carries.
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
+    sums: list[float] = [0.0] * len(rows)
+    counts: list[int] = [0] * len(rows)
     for i in range(0, len(rows), batch_size):
-        ids, labels = [], []
-        for row in rows[i : i + batch_size]:
-            p = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
-            full = _ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
-            ids.append(full)
-            labels.append([-100] * len(p) + full[len(p) :])
+        batch = order[i : i + batch_size]
+        ids = [encoded[j][0] for j in batch]
+        labels = [encoded[j][1] for j in batch]
         width = max(map(len, ids))
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
@@ -380,8 +384,8 @@ def completion_losses(
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
         )  # (batch, positions); 0 where ignored
-        sums += [float(x) for x in loss.sum(dim=1)]
-        counts += [int(x) for x in (target != -100).sum(dim=1)]
+        for j, total, count in zip(batch, loss.sum(dim=1), (target != -100).sum(dim=1), strict=True):
+            sums[j], counts[j] = float(total), int(count)
     return sums, counts
 
 

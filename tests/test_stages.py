@@ -162,6 +162,30 @@ def test_batched_generation_answers_each_prompt_as_alone(tiny_model, demo_rows):
     assert n > 0 and tokenizer.padding_side == side
 
 
+def test_length_sorted_batches_give_each_row_its_own_score_and_loss(tiny_model, demo_rows):
+    """Reward scores and held-out losses are computed in batches sorted by length (less padding); each
+    value still belongs to its row: equal to the row scored alone, in the order the rows came."""
+    from tasks.evaluate import completion_losses
+    from tasks.model_io import load_causal_lm
+    from tasks.reward import load_reward_model, score_conversations
+
+    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in demo_rows["sft"][:9]]
+    convs = [r["prompt"] + r["completion"] for r in rows]
+    assert sorted(map(str, convs), key=len) != list(map(str, convs))  # the sort reorders these rows
+    scorer, scorer_tokenizer = load_reward_model(str(tiny_model))
+    batched = score_conversations(scorer, scorer_tokenizer, convs, batch_size=4)
+    alone = [score_conversations(scorer, scorer_tokenizer, [c])[0] for c in convs]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert len(set(alone)) == len(alone)  # distinct scores: a row's score landing on another row fails
+
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    model.eval()
+    sums, counts = completion_losses(model, tokenizer, rows, batch_size=4)
+    one_by_one = [completion_losses(model, tokenizer, [r]) for r in rows]
+    assert counts == [c[0] for _, c in one_by_one] and len(set(counts)) > 1
+    assert sums == pytest.approx([s[0] for s, _ in one_by_one], rel=1e-4)
+
+
 def test_evaluate_refuses_too_few_prompts(stage_inputs, sft_model):
     cfg, base, dataset, work = stage_inputs
     strict = cfg.evaluate.model_copy(update={"min_eval_rows": 10_000})
