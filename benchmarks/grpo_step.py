@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+
 
 def _timed(cls, name: str, clock: dict[str, float], label=None) -> None:
     original = getattr(cls, name)
@@ -50,21 +52,10 @@ def main() -> None:
     from trl import GRPOTrainer
 
     from tasks.align import align_policy
-    from tasks.base_model import prepare_base_model
-    from tasks.build import build_datasets
-    from tasks.validate import validate_data
     from tunegate.artifacts import ModelArtifact
-    from tunegate.config import AlignSection, BuildSection, DataSection, ModelSection, ValidateSection
+    from tunegate.config import AlignSection
 
-    base = prepare_base_model(ModelSection())
-    data = DataSection(
-        **{
-            k: str(ROOT / "data" / "generated" / f"{k}.jsonl")
-            for k in ("sft", "preferences", "prompts", "eval")
-        }
-    )
-    validated = validate_data(ValidateSection(max_length=256), data, base, out_dir=args.work / "validate")
-    dataset = build_datasets(BuildSection(), validated, out_dir=args.work / "dataset", seed=42)
+    base, dataset = demo_inputs(args.work)
     reward_dir = args.work / "reward"
     if not reward_dir.exists():
         head = AutoModelForSequenceClassification.from_pretrained(

@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+
 
 def plain_trl(
     base_path: str, train_path: str, eval_path: str, out: Path, steps: int
@@ -107,20 +109,7 @@ def main() -> None:
     import peft  # noqa: F401 - imported before any timing, for both sides alike
     import trl  # noqa: F401
 
-    from tasks.base_model import prepare_base_model
-    from tasks.build import build_datasets
-    from tasks.validate import validate_data
-    from tunegate.config import BuildSection, DataSection, ModelSection, ValidateSection
-
-    base = prepare_base_model(ModelSection())
-    data = DataSection(
-        **{
-            k: str(ROOT / "data" / "generated" / f"{k}.jsonl")
-            for k in ("sft", "preferences", "prompts", "eval")
-        }
-    )
-    validated = validate_data(ValidateSection(max_length=256), data, base, out_dir=args.work / "validate")
-    dataset = build_datasets(BuildSection(), validated, out_dir=args.work / "dataset", seed=42)
+    base, dataset = demo_inputs(args.work)
     train_path, eval_path = dataset.splits["sft_train"].path, dataset.splits["sft_eval"].path
 
     runs = {"plain_trl": [], "tunegate_stage": []}

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+
 LAYOUTS = {
     "padded": {},
     "packed": {"packing": True},
@@ -37,21 +39,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunegate-padding"))
     args = parser.parse_args()
 
-    from tasks.base_model import prepare_base_model
-    from tasks.build import build_datasets
     from tasks.sft import train_sft
-    from tasks.validate import validate_data
-    from tunegate.config import BuildSection, DataSection, ModelSection, SftSection, ValidateSection
+    from tunegate.config import SftSection
 
-    base = prepare_base_model(ModelSection())
-    data = DataSection(
-        **{
-            k: str(ROOT / "data" / "generated" / f"{k}.jsonl")
-            for k in ("sft", "preferences", "prompts", "eval")
-        }
-    )
-    validated = validate_data(ValidateSection(max_length=256), data, base, out_dir=args.work / "validate")
-    dataset = build_datasets(BuildSection(), validated, out_dir=args.work / "dataset", seed=42)
+    base, dataset = demo_inputs(args.work)
 
     results: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
     for i in range(args.repeats):
