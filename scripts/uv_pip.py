@@ -12,7 +12,6 @@ does (`--index-strategy unsafe-best-match`), so an extra index cannot pin an old
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +72,6 @@ def main(argv: list[str]) -> int:
     args, env = uv_arguments(pip_settings(sys.executable))
     command = [str(uv), "pip", "install", "--python", sys.executable, "--compile-bytecode"]
     command += ["--index-strategy", "unsafe-best-match", *args, *argv[1:]]
-    if os.environ.get("UV_PIP_VERBOSE"):
-        print(shlex.join(command), file=sys.stderr)
     return subprocess.run(command, env={**os.environ, **env}).returncode
 
 

@@ -239,25 +239,23 @@ def score_conversations(
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     # Batches of similar length: a forward pass pays for every padding position it carries.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    texts = [texts[i] for i in order]
-    scores: list[float] = []
+    scores: list[float] = [0.0] * len(texts)
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
+            batch = order[i : i + batch_size]
             enc = tokenizer(
-                texts[i : i + batch_size],
+                [texts[j] for j in batch],
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
                 max_length=1024,
                 add_special_tokens=False,
             ).to(device)
-            scores += model(**enc).logits[:, 0].float().tolist()
-    in_order = [0.0] * len(scores)
-    for position, i in enumerate(order):
-        in_order[i] = scores[position]
-    return in_order
+            for j, score in zip(batch, model(**enc).logits[:, 0].float().tolist(), strict=True):
+                scores[j] = score
+    return scores
 
 
 def load_reward_model(path: str, *, trust_remote_code: bool = False):
