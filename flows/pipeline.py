@@ -43,6 +43,8 @@ from flows.stages import (
     checkpoint_dir,
     data_content,
     stage_key,
+    training_facts,
+    waves,
 )
 from tasks.benchmarks import check_benchmarks
 from tasks.gates import apply_stage_gates, data_metrics
@@ -233,29 +235,79 @@ def _pipeline(config: PipelineConfig, secret_names: list[str]) -> dict[str, Any]
 
 
 def _walk(stages: tuple[Stage, ...], config: PipelineConfig, ctx: dict[str, Any], pid: str, run_dir: Path):
-    """Run each stage the config uses, in order, putting its output into `ctx` under its name."""
+    """Run each stage the config uses, in order, putting its output into `ctx` under its name; with
+    `run.parallel_stages`, the stages of a wave (`flows.stages.waves`) train at the same time."""
     code = code_version()
     store = cache.StageCache(Path(config.run.output_dir) / "cache", config.run.cache)
-    for stage in stages:
-        if not stage.when(config):
+    for wave in waves(stages, config):
+        if (threads := _side_by_side(config, len(wave))) is None:  # one by one, each gated at once
+            for stage in wave:
+                call = _stage_call(stage, config, ctx, pid, run_dir, code, store)
+                _finish(stage, config, ctx, _run_stage(stage, run_dir, *call))
             continue
-        args, kwargs = call_arguments(stage, config, ctx)
-        kwargs["parent_run_id"] = pid
-        if stage.name not in ("base-model", "reward-backbone", "gates"):
-            kwargs["out_dir"] = run_dir / stage.name
-        key = stage_key(stage, config, ctx, code)
-        if stage.cached:
-            kwargs["cache_entry"] = store.entry(stage.name, key)
-        if stage.trains:
-            kwargs.update(checkpoint_dir=checkpoint_dir(stage, key, config), placement=config.run)
-        try:
-            ctx[stage.output] = out = TASKS[stage.name](*args, **kwargs)
-        except DataValidationError:
-            reporting.publish_report(run_dir / stage.name / "validation.md", "data-validation")
-            raise
-        AFTER.get(stage.name, _no_hook)(config, ctx)
-        if stage.gates and stage.name != "build":
-            _stage_gates(config, stage.gates, out.metrics)
+        calls = [_stage_call(stage, config, ctx, pid, run_dir, code, store) for stage in wave]
+        for stage, out in zip(wave, _run_together(wave, calls, threads), strict=True):
+            _finish(stage, config, ctx, out)
+
+
+def _finish(stage: Stage, config: PipelineConfig, ctx: dict[str, Any], out: Any) -> None:
+    """Put the stage's output into the run's context, then its hook and the gates after it."""
+    ctx[stage.output] = out
+    AFTER.get(stage.name, _no_hook)(config, ctx)
+    if stage.gates and stage.name != "build":
+        _stage_gates(config, stage.gates, out.metrics)
+
+
+def _stage_call(stage: Stage, config: PipelineConfig, ctx, pid: str, run_dir: Path, code: str, store):
+    """The arguments the stage's task is called with: its declared ones, and where it writes, caches
+    and checkpoints (keyed by the same declaration)."""
+    args, kwargs = call_arguments(stage, config, ctx)
+    kwargs["parent_run_id"] = pid
+    if stage.name not in ("base-model", "reward-backbone", "gates"):
+        kwargs["out_dir"] = run_dir / stage.name
+    key = stage_key(stage, config, ctx, code)
+    if stage.cached:
+        kwargs["cache_entry"] = store.entry(stage.name, key)
+    if stage.trains:
+        kwargs.update(checkpoint_dir=checkpoint_dir(stage, key, config), placement=config.run)
+    return args, kwargs
+
+
+def _run_stage(stage: Stage, run_dir: Path, args: list, kwargs: dict[str, Any]) -> Any:
+    try:
+        return TASKS[stage.name](*args, **kwargs)
+    except DataValidationError:
+        reporting.publish_report(run_dir / stage.name / "validation.md", "data-validation")
+        raise
+
+
+def _side_by_side(config: PipelineConfig, n: int) -> int | None:
+    """Whether `n` training stages run at once, and the CPU threads each gets where it runs here (0 on
+    a pool: each is a flow run on its own worker). None: one after the other (a single stage, the
+    setting off, or they would share one local GPU's memory)."""
+    if n < 2 or not config.run.parallel_stages:
+        return None
+    if config.run.placement == "pools":
+        return 0
+    if training_facts(config)["device"] != "cpu":
+        return None
+    import torch
+
+    return max(1, torch.get_num_threads() // n)
+
+
+def _run_together(wave: tuple[Stage, ...], calls: list[tuple[list, dict]], threads: int) -> list[Any]:
+    """The wave's stages as Prefect tasks submitted at once (each in a child process of `threads` CPU
+    threads when local); waits for all of them, so a failed one never stops the others' results from
+    reaching the cache, then raises the first failure in table order."""
+    futures = []
+    for stage, (args, kwargs) in zip(wave, calls, strict=True):
+        if threads:
+            kwargs = {**kwargs, "threads": threads}
+        futures.append(TASKS[stage.name].task.submit(*args, **kwargs))
+    for future in futures:
+        future.wait()
+    return [future.result() for future in futures]
 
 
 def _after_base(config: PipelineConfig, ctx: dict[str, Any]) -> None:

@@ -148,6 +148,23 @@ DECIDE: tuple[Stage, ...] = (
 STAGES = PRODUCE + DECIDE
 BY_NAME = {s.name: s for s in STAGES}
 
+
+def waves(stages: tuple[Stage, ...], config: PipelineConfig) -> list[tuple[Stage, ...]]:
+    """The stages `config` uses, in table order, grouped into waves that may train at the same time:
+    consecutive training stages none of which takes another's output (the reward model and the judge
+    both take only the SFT model's backbone and the splits). Every other stage is a wave of its own.
+    Derived from the declarations, so a stage that starts reading another's output leaves its wave."""
+    out: list[tuple[Stage, ...]] = []
+    for stage in (s for s in stages if s.when(config)):
+        wave = out[-1] if out else ()
+        takes = {ref[1:].partition("[")[0] for ref in stage.refs() if ref.startswith("@")}
+        if stage.trains and wave and all(s.trains and s.output not in takes for s in wave):
+            out[-1] = (*wave, stage)
+        else:
+            out.append((stage,))
+    return out
+
+
 # Values the config derives from its fields (properties of PipelineConfig), by the fields they read.
 DERIVED: dict[str, tuple[str, ...]] = {
     "data_needed": ("data", "align.method"),

@@ -98,8 +98,9 @@ def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
 
     The directory is claimed for the duration (`claim_checkpoint_dir`): a second run with the same
     inputs at the same time trains in a private directory instead of writing into (or deleting) this
-    run's checkpoints. Under `accelerate launch` the launching process holds the claim for all ranks
-    (tasks/launch.py) and passes the directory it got. Returns the train output, the step resumed
+    run's checkpoints. Under `accelerate launch`, or in a child process of its own (stages trained side
+    by side), the launching process holds the claim for its processes (tasks/launch.py) and passes the
+    directory it got. Returns the train output, the step resumed
     from (0: fresh) and the directory used.
 
     Raises:
@@ -107,17 +108,17 @@ def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
             or this is one of several launched processes and no launcher claimed `checkpoint_dir`.
     """
     trainer.add_callback(checkpoint_checksums())
+    claimed = os.environ.get(CLAIMED_CHECKPOINT_DIR)
+    if claimed is not None and Path(claimed) == checkpoint_dir:  # the launching process holds the claim
+        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Ranks must not claim one by one: each would get a different directory to resume from.
-        claimed = os.environ.get(CLAIMED_CHECKPOINT_DIR)
-        if claimed is None or Path(claimed) != checkpoint_dir:
-            raise TrainingError(
-                f"this process is one of {os.environ['WORLD_SIZE']} launched ranks, but no launcher claimed "
-                f"the checkpoint directory {checkpoint_dir} for them ({CLAIMED_CHECKPOINT_DIR}="
-                f"{claimed or 'unset'}); start multi-process stages with run.gpus, which launches them "
-                "through tasks.launch"
-            )
-        return (*_train_from(trainer, checkpoint_dir), checkpoint_dir)
+        raise TrainingError(
+            f"this process is one of {os.environ['WORLD_SIZE']} launched ranks, but no launcher claimed "
+            f"the checkpoint directory {checkpoint_dir} for them ({CLAIMED_CHECKPOINT_DIR}="
+            f"{claimed or 'unset'}); start multi-process stages with run.gpus, which launches them "
+            "through tasks.launch"
+        )
     with claim_checkpoint_dir(checkpoint_dir) as directory:
         trainer.args.output_dir = str(directory)
         return (*_train_from(trainer, directory), directory)

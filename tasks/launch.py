@@ -1,13 +1,15 @@
-"""Run a training stage in-process, or across several GPUs through `accelerate launch`.
+"""Run a training stage in-process, in a process of its own, or across several GPUs through
+`accelerate launch`.
 
-With `gpus > 1` the parent writes the stage's arguments (pydantic sections and artifact records) as
+With `threads` set (stages trained side by side, `run.parallel_stages`) the stage runs in one child
+process limited to that many CPU threads, the same way as a launch. With `gpus > 1` the parent writes the stage's arguments (pydantic sections and artifact records) as
 JSON, starts `accelerate launch --num_processes N [--config_file F] -m tasks.launch SPEC RESULT`, and
 reads back the `ModelArtifact` the main process wrote. An error in the workers comes back as the same
 error type with its message. The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`). The parent
 claims the stage's checkpoint directory for all the ranks (`claim_checkpoint_dir`) and passes the one it
 got in the spec; the ranks claim nothing.
 
-    python -m tasks.launch SPEC.json RESULT.json     # what each launched process runs
+    python -m tasks.launch SPEC.json RESULT.json     # what each launched (or child) process runs
 """
 
 from __future__ import annotations
@@ -50,19 +52,28 @@ def stage_function(stage: str) -> Callable[..., ModelArtifact]:
 
 
 def launched(stage: str) -> Callable[..., ModelArtifact]:
-    """The stage's function, taking two more keywords: `gpus` and `accelerate_config`."""
+    """The stage's function, taking three more keywords: `gpus`, `accelerate_config` and `threads`
+    (run it in a child process limited to that many CPU threads; None: in this process)."""
     fn = stage_function(stage)
 
-    def run(*args: Any, gpus: int = 1, accelerate_config: str | None = None, **kwargs: Any) -> ModelArtifact:
-        if gpus <= 1:
+    def run(
+        *args: Any,
+        gpus: int = 1,
+        accelerate_config: str | None = None,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> ModelArtifact:
+        if gpus <= 1 and threads is None:
             return fn(*args, **kwargs)
-        return launch(stage, args, kwargs, gpus=gpus, accelerate_config=accelerate_config)
+        return launch(stage, args, kwargs, gpus=gpus, accelerate_config=accelerate_config, threads=threads)
 
     run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     return run
 
 
 def launch_command(gpus: int, accelerate_config: str | None, spec: Path, result: Path) -> list[str]:
+    if gpus <= 1:  # one child process, no launcher
+        return [sys.executable, "-m", "tasks.launch", str(spec), str(result)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
@@ -81,8 +92,17 @@ def launch_command(gpus: int, accelerate_config: str | None, spec: Path, result:
     ]
 
 
-def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accelerate_config: str | None):
-    """Run `stage` in `gpus` accelerate processes; return the main process's result.
+def launch(
+    stage: str,
+    args: tuple,
+    kwargs: dict[str, Any],
+    *,
+    gpus: int,
+    accelerate_config: str | None,
+    threads: int | None = None,
+):
+    """Run `stage` in `gpus` accelerate processes (one plain child process for `gpus` 1), each limited
+    to `threads` CPU threads when given; return the main process's result.
 
     The checkpoint directory (`kwargs["checkpoint_dir"]`, else the stages' default `out_dir/trainer`)
     is claimed here, once for every rank, for as long as they run: the ranks train in the directory
@@ -96,19 +116,25 @@ def launch(stage: str, args: tuple, kwargs: dict[str, Any], *, gpus: int, accele
     out_dir.mkdir(parents=True, exist_ok=True)
     with claim_checkpoint_dir(Path(kwargs.get("checkpoint_dir") or out_dir / "trainer")) as checkpoint_dir:
         kwargs = {**kwargs, "checkpoint_dir": checkpoint_dir}
-        code, outcome, logfile = _run_ranks(stage, args, kwargs, gpus, accelerate_config)
+        code, outcome, logfile = _run_ranks(stage, args, kwargs, gpus, accelerate_config, threads)
     if outcome and "error" in outcome:
         raise errors.from_outcome(outcome)
     if code != 0 or outcome is None:
         tail = "".join(logfile.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-20:])
         raise errors.TrainingError(
-            f"{stage}: accelerate launch exited {code} without a result; log {logfile}:\n{tail}"
+            f"{stage}: its {'process' if gpus <= 1 else 'accelerate launch'} exited {code} without a "
+            f"result; log {logfile}:\n{tail}"
         )
     return ModelArtifact.model_validate(outcome["artifact"])
 
 
 def _run_ranks(
-    stage: str, args: tuple, kwargs: dict[str, Any], gpus: int, accelerate_config: str | None
+    stage: str,
+    args: tuple,
+    kwargs: dict[str, Any],
+    gpus: int,
+    accelerate_config: str | None,
+    threads: int | None = None,
 ) -> tuple[int, dict | None, Path]:
     """Write the spec, start the ranks and wait for them; their exit code, outcome and log."""
     out_dir = Path(kwargs["out_dir"])
@@ -127,6 +153,8 @@ def _run_ranks(
         encoding="utf-8",
     )
     env = {**os.environ, CLAIMED_CHECKPOINT_DIR: str(kwargs["checkpoint_dir"])}
+    if threads is not None:  # torch sizes its intra-op pool from these at start
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     import mlflow
 
     if (active := mlflow.active_run()) is not None:  # the workers' trainers log to this stage's run
@@ -159,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: Path(v) if k.endswith("_dir") and v is not None else v for k, v in spec["kwargs"].items()}
     rank = int(os.environ.get("RANK", "0"))
     result = Path(result_path)
+    import torch
+
+    log.info("%s: rank %d, %d CPU threads", spec["stage"], rank, torch.get_num_threads())
     try:
         artifact = stage_function(spec["stage"])(*args, **kwargs)
     except Exception as exc:

@@ -7,6 +7,7 @@ import time
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -293,6 +294,38 @@ def test_reruns_start_at_the_failed_stage_and_an_unchanged_rerun_trains_nothing(
     fresh["run"]["skip_unchanged_data"] = True
     with pytest.raises(StageGateFailed, match="gates after reward failed"):
         pipeline(parse_config({**fresh, "gates": [*fresh["gates"], impossible]}))
+
+
+def test_parallel_stages_train_the_reward_model_and_judge_at_once_in_child_processes(
+    prefect_api, tiny_model, data_dir, tmp_path
+):
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    raw["run"]["parallel_stages"] = True
+    impossible = {"stage": "reward", "metric": "pair_accuracy", "op": ">=", "threshold": 2.0}
+    with pytest.raises(StageGateFailed, match="gates after reward failed"):
+        pipeline(parse_config({**raw, "gates": [*raw["gates"], impossible]}))
+
+    cfg = parse_config(raw)
+    client = _client(cfg)
+    exp = client.get_experiment_by_name("test").experiment_id
+    trained = ("reward-model", "judge-model")
+    failed = [r for r in client.search_runs([exp]) if r.data.tags.get("tunegate.stage") in trained]
+    spans = {r.data.tags["tunegate.stage"]: (r.info.start_time, r.info.end_time) for r in failed}
+    (r0, r1), (j0, j1) = spans["reward-model"], spans["judge-model"]
+    assert max(r0, j0) < min(r1, j1), f"the two stages did not overlap: {spans}"
+    for run in failed:  # each trained in a child process of its own, its trainer logging to its stage run
+        assert "train_loss" in run.data.metrics or "loss" in run.data.metrics, run.data.tags["tunegate.stage"]
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "runs").glob("*/*/launch.log")}
+    assert sorted(logs) == ["judge-model", "reward-model"]
+    threads = max(1, torch.get_num_threads() // 2)  # the cores split between the two
+    assert all(f"rank 0, {threads} CPU threads" in text for text in logs.values()), logs
+
+    # The judge finished although the run stopped at the reward gate: both come from the cache now.
+    first = pipeline(cfg)
+    stages = _stage_runs(client, first["mlflow_run_id"])
+    cached = {name for name, tags in stages.items() if tags.get("tunegate.cached") == "true"}
+    assert cached == {"validate", "build", "sft", "reward-model", "judge-model"}
+    assert first["registration"]["promoted"]
 
 
 def test_only_transient_failures_are_retried():

@@ -62,7 +62,9 @@ def _fake_ranks(monkeypatch, seen: dict):
 
     def run(cmd, *, env, **_):
         spec, result = Path(cmd[-2]), Path(cmd[-1])
-        seen.update(spec=json.loads(spec.read_text()), env=env, claimed_elsewhere=_claimed_elsewhere(env))
+        seen.update(
+            cmd=cmd, spec=json.loads(spec.read_text()), env=env, claimed_elsewhere=_claimed_elsewhere(env)
+        )
         result.write_text(json.dumps({"artifact": RECORD.model_dump(mode="json")}))
         return subprocess.CompletedProcess(cmd, 0)
 
@@ -158,3 +160,23 @@ def test_a_rank_out_of_memory_comes_back_saying_what_to_lower(tmp_path, monkeypa
     error = errors.from_outcome(json.loads((tmp_path / "launch.result.rank1.json").read_text()))
     assert isinstance(error, OutOfMemory)
     assert "sft.per_device_train_batch_size" in str(error) and "Not retried" in str(error)
+
+
+def test_a_stage_in_a_child_process_gets_its_threads_and_its_launchers_claim(tmp_path, monkeypatch):
+    """Stages trained side by side (run.parallel_stages) each run as one plain child process, limited
+    to its share of the CPU threads, training in the directory the parent claimed for it."""
+    seen: dict = {}
+    _fake_ranks(monkeypatch, seen)
+    kwargs = {"out_dir": tmp_path / "out", "seed": 1}
+    assert launch("reward-model", (RECORD,), kwargs, gpus=1, accelerate_config=None, threads=1) == RECORD
+    assert "accelerate" not in " ".join(seen["cmd"]) and seen["cmd"][1:3] == ["-m", "tasks.launch"]
+    assert seen["env"]["OMP_NUM_THREADS"] == "1" and seen["env"]["MKL_NUM_THREADS"] == "1"
+    assert seen["claimed_elsewhere"] and seen["spec"]["stage"] == "reward-model"
+
+
+def test_a_child_process_trains_in_the_directory_its_launcher_claimed(tmp_path, monkeypatch, other_run):
+    """WORLD_SIZE unset (one child, not launched ranks): the launcher's claim is used, not a private
+    directory beside it, so a stage started again resumes its checkpoints."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(CLAIMED_CHECKPOINT_DIR, str(other_run))  # held by "the launcher"
+    assert train_resumable(_Trainer(other_run), other_run) == ("trained", 0, other_run)

@@ -161,3 +161,20 @@ def test_placement_pools_needs_a_reachable_artifact_root(tiny_model, data_dir, t
         parse_config(raw)
     with pytest.raises(ConfigError, match="run.artifact_root 'nosuch://bucket'.*s3fs"):
         ArtifactStore("nosuch://bucket")
+
+
+def test_parallel_stages_split_the_cpu_here_and_run_as_flow_runs_on_pools(tiny_model, data_dir, tmp_path):
+    """How a wave of two training stages runs: side by side with half the threads each on this CPU,
+    as two flow runs (no thread limit) on pools, one after the other when the setting is off, and a
+    single stage never goes through a child process."""
+    from flows.pipeline import _side_by_side
+
+    raw = tiny_raw_config(tiny_model, data_dir, tmp_path)
+    off = parse_config(raw)
+    on = parse_config({**raw, "run": {**raw["run"], "parallel_stages": True}})
+    pools = parse_config(
+        {**raw, "run": {**raw["run"], "parallel_stages": True, "placement": "pools", "artifact_root": "/s"}}
+    )
+    assert _side_by_side(off, 2) is None and _side_by_side(on, 1) is None
+    assert _side_by_side(on, 2) == max(1, torch.get_num_threads() // 2)
+    assert _side_by_side(pools, 2) == 0

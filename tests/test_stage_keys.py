@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from flows.stages import STAGES, call_arguments, key_content, stage_key
+from flows.stages import STAGES, call_arguments, key_content, stage_key, waves
 from tunegate.artifacts import DataFile, EvalReport, InstructionDataset, ModelArtifact, ValidatedData
 from tunegate.config import PipelineConfig
 
@@ -316,3 +316,30 @@ def test_a_run_reads_only_the_data_its_stages_need(config):
     assert key_content(cfg.data_needed)["shapes"] == {}
     with pytest.raises(ValidationError, match="data.preferences: align.method=grpo needs it"):
         PipelineConfig.model_validate({"data": {"preferences": None}})
+
+
+def test_waves_train_side_by_side_only_stages_that_take_nothing_from_each_other(config):
+    """`run.parallel_stages` trains a wave's stages at once: the waves come from the declarations, in
+    table order, each stage once, and no stage of a wave takes the output of another."""
+    methods = {"grpo": [("reward-model", "judge-model")], "dpo": [], "none": []}
+    for method, together in methods.items():
+        cfg = config.model_copy(update={"align": config.align.model_copy(update={"method": method})})
+        grouped = waves(STAGES, cfg)
+        assert [s for wave in grouped for s in wave] == [s for s in STAGES if s.when(cfg)]
+        assert [tuple(s.name for s in w) for w in grouped if len(w) > 1] == together, method
+        for wave in grouped:
+            outputs = {s.output for s in wave}
+            assert len(wave) == 1 or all(s.trains for s in wave)
+            for stage in wave:
+                takes = {r[1:].partition("[")[0] for r in stage.refs() if r.startswith("@")}
+                assert not takes & outputs, f"{stage.name} takes {takes & outputs} from its own wave"
+
+
+def test_a_stage_that_reads_another_leaves_its_wave(config):
+    """Were the judge to take the proxy reward model (a judge trained to agree with it), it would train
+    after it, not beside it: the waves follow the table, not a list kept by hand."""
+    from dataclasses import replace
+
+    judge = next(s for s in STAGES if s.name == "judge-model")
+    table = tuple(replace(s, args=(*s.args, "@reward")) if s is judge else s for s in STAGES)
+    assert all(len(wave) == 1 for wave in waves(table, config))
