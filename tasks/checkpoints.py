@@ -100,8 +100,7 @@ def train_resumable(trainer, checkpoint_dir: Path) -> tuple[Any, int, Path]:
     inputs at the same time trains in a private directory instead of writing into (or deleting) this
     run's checkpoints. Under `accelerate launch`, or in a child process of its own (stages trained side
     by side), the launching process holds the claim for its processes (tasks/launch.py) and passes the
-    directory it got. Returns the train output, the step resumed
-    from (0: fresh) and the directory used.
+    directory it got. Returns the train output, the step resumed from (0: fresh) and the directory used.
 
     Raises:
         TrainingError: the disk filled up while writing a checkpoint (the last complete one is kept);

@@ -2,12 +2,13 @@
 `accelerate launch`.
 
 With `threads` set (stages trained side by side, `run.parallel_stages`) the stage runs in one child
-process limited to that many CPU threads, the same way as a launch. With `gpus > 1` the parent writes the stage's arguments (pydantic sections and artifact records) as
-JSON, starts `accelerate launch --num_processes N [--config_file F] -m tasks.launch SPEC RESULT`, and
-reads back the `ModelArtifact` the main process wrote. An error in the workers comes back as the same
-error type with its message. The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`). The parent
-claims the stage's checkpoint directory for all the ranks (`claim_checkpoint_dir`) and passes the one it
-got in the spec; the ranks claim nothing.
+process limited to that many CPU threads, the same way as a launch. With `gpus > 1` the parent writes
+the stage's arguments (pydantic sections and artifact records) as JSON, starts `accelerate launch
+--num_processes N [--config_file F] -m tasks.launch SPEC RESULT`, and reads back the `ModelArtifact`
+the main process wrote. An error in the workers comes back as the same error type with its message.
+The trainers log to the stage's MLflow run (`MLFLOW_RUN_ID`). The parent claims the stage's checkpoint
+directory for all the ranks (`claim_checkpoint_dir`) and passes the one it got in the spec; the ranks
+claim nothing.
 
     python -m tasks.launch SPEC.json RESULT.json     # what each launched (or child) process runs
 """
