@@ -94,7 +94,7 @@ class RunSection(Section):
         description=(
             "Train the stages that do not depend on each other (the reward model and the judge) at the "
             "same time. On a CPU each runs in a process of its own with the cores split between them "
-            "(1.47x the throughput of one after the other on 2 cores: BENCHMARKS.md); with placement: "
+            "(1.11x faster than one after the other on 2 cores: BENCHMARKS.md); with placement: "
             "pools each is a flow run of its own. On a local GPU they still run one after the other. "
             "Changes no stage's result beyond float rounding: not part of any cache key."
         ),
