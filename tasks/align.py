@@ -25,6 +25,7 @@ from pathlib import Path
 from data_checks.formats import CHECKS
 from tasks.checkpoints import finish_checkpoints, train_resumable
 from tasks.evaluate import completion_loss, generate_answers
+from tasks.lm_head import use_dense_on_cpu
 from tasks.model_io import load_causal_lm, save_policy
 from tasks.reward import load_reward_model, score_conversations
 from tasks.scoring import check_reward
@@ -83,6 +84,7 @@ def align_policy(
     model, tokenizer = load_causal_lm(policy.path, trust_remote_code=policy.trust_remote_code)
     peft_config = peft_for(cfg, "CAUSAL_LM", model)
     before = None if peft_config is not None else weights_fingerprint(model)
+    use_dense_on_cpu()  # TRL's tiled LM head is slow on a CPU (tasks/lm_head.py)
     reward_model = reward_tokenizer = None
     telemetry = training_telemetry("align", out_dir / "progress.json")
     if cfg.method == "dpo":
