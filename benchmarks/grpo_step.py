@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+from demo_inputs import demo_grpo, demo_inputs, timing_reward  # noqa: E402 - beside this script
 
 
 def _timed(cls, name: str, clock: dict[str, float], label=None) -> None:
@@ -48,24 +48,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import GRPOTrainer
 
     from tasks.align import align_policy
-    from tunegate.artifacts import ModelArtifact
-    from tunegate.config import AlignSection
 
     base, dataset = demo_inputs(args.work)
-    reward_dir = args.work / "reward"
-    if not reward_dir.exists():
-        head = AutoModelForSequenceClassification.from_pretrained(
-            base.path, num_labels=1, dtype=torch.float32
-        )
-        head.save_pretrained(reward_dir)
-        AutoTokenizer.from_pretrained(base.path).save_pretrained(reward_dir)
-    reward = ModelArtifact(
-        path=str(reward_dir), role="reward", base_model=base.base_model, digest="timing-only"
-    )
+    reward = timing_reward(base, args.work)
 
     clock: dict[str, float] = defaultdict(float)
     _timed(GRPOTrainer, "_generate", clock)
@@ -81,18 +69,7 @@ def main() -> None:
     figures = {}
     for beta in args.betas:
         clock.clear()
-        cfg = AlignSection(
-            learning_rate=5e-5,
-            max_steps=args.steps,
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=48,
-            beta=beta,
-            logging_steps=1,
-            checkpoint_steps=0,
-            lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "top_layers": 8},
-            guard={"enabled": False},
-        )
+        cfg = demo_grpo(args.steps, beta=beta)
         start = time.perf_counter()
         align_policy(cfg, dataset, base, reward, out_dir=args.work / f"beta-{beta:g}", seed=1)
         steps = args.steps

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+from demo_inputs import demo_grpo, demo_inputs, demo_sft, timing_reward  # noqa: E402 - beside this script
 
 HEADS = ("trl", "dense")
 
@@ -43,20 +43,8 @@ def _head(name: str) -> None:
 
 def _sft(base, dataset, steps: int, out: Path) -> dict:
     from tasks.sft import train_sft
-    from tunegate.config import SftSection
 
-    cfg = SftSection(
-        learning_rate=8e-4,
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        warmup_steps=2,
-        lr_scheduler_type="cosine",
-        logging_steps=steps,
-        max_length=256,
-        checkpoint_steps=0,
-        lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-    )
-    m = train_sft(cfg, dataset, base, out_dir=out, seed=1).metrics
+    m = train_sft(demo_sft(steps), dataset, base, out_dir=out, seed=1).metrics
     return {
         "s_per_step": round(m["train_seconds"] / steps, 2),
         "peak_mib": round(m["peak_memory_mib"]),
@@ -67,45 +55,14 @@ def _sft(base, dataset, steps: int, out: Path) -> dict:
 
 def _grpo(base, dataset, reward, steps: int, out: Path) -> dict:
     from tasks.align import align_policy
-    from tunegate.config import AlignSection
 
-    cfg = AlignSection(
-        learning_rate=5e-5,
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=48,
-        beta=0.0,
-        logging_steps=1,
-        checkpoint_steps=0,
-        lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "top_layers": 8},
-        guard={"enabled": False},
-    )
-    m = align_policy(cfg, dataset, base, reward, out_dir=out, seed=1).metrics
+    m = align_policy(demo_grpo(steps), dataset, base, reward, out_dir=out, seed=1).metrics
     return {
         "s_per_step": round(m["train_seconds"] / steps, 2),
         "peak_mib": round(m["peak_memory_mib"]),
         "reward_last": round(m["reward_last"], 4),
         "entropy_last": round(m["entropy_last"], 4),
     }
-
-
-def _timing_reward(base, work: Path):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tunegate.artifacts import ModelArtifact
-
-    reward_dir = work / "reward"
-    if not reward_dir.exists():
-        head = AutoModelForSequenceClassification.from_pretrained(
-            base.path, num_labels=1, dtype=torch.float32
-        )
-        head.save_pretrained(reward_dir)
-        AutoTokenizer.from_pretrained(base.path).save_pretrained(reward_dir)
-    return ModelArtifact(
-        path=str(reward_dir), role="reward", base_model=base.base_model, digest="timing-only"
-    )
 
 
 def main() -> None:
@@ -117,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base, dataset = demo_inputs(args.work)
-    reward = _timing_reward(base, args.work) if args.grpo_steps else None
+    reward = timing_reward(base, args.work) if args.grpo_steps else None
     results: dict[str, list[dict]] = {}
     for i in range(args.repeats):
         for head in HEADS:

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+from demo_inputs import demo_inputs, demo_sft  # noqa: E402 - beside this script
 
 
 def plain_trl(
@@ -76,19 +76,8 @@ def plain_trl(
 
 def tunegate_stage(base, dataset, out: Path, steps: int) -> tuple[float, int, float]:
     from tasks.sft import train_sft
-    from tunegate.config import SftSection
 
-    cfg = SftSection(
-        learning_rate=8e-4,
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        warmup_steps=2,
-        lr_scheduler_type="cosine",
-        logging_steps=10,
-        max_length=256,
-        checkpoint_steps=0,
-        lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-    )
+    cfg = demo_sft(steps, logging_steps=10)
     start = time.perf_counter()
     sft = train_sft(cfg, dataset, base, out_dir=out, seed=1)
     return time.perf_counter() - start, int(sft.metrics["train_tokens"]), sft.metrics["train_tokens_per_s"]

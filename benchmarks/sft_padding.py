@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo_inputs import demo_inputs  # noqa: E402 - beside this script
+from demo_inputs import demo_inputs, demo_sft  # noqa: E402 - beside this script
 
 LAYOUTS = {
     "padded": {},
@@ -40,25 +40,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from tasks.sft import train_sft
-    from tunegate.config import SftSection
 
     base, dataset = demo_inputs(args.work)
 
     results: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
     for i in range(args.repeats):
         for name, layout in LAYOUTS.items():
-            cfg = SftSection(
-                learning_rate=8e-4,
-                max_steps=args.steps,
-                per_device_train_batch_size=8,
-                warmup_steps=2,
-                lr_scheduler_type="cosine",
-                logging_steps=args.steps,
-                max_length=256,
-                checkpoint_steps=0,
-                lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-                **layout,
-            )
+            cfg = demo_sft(args.steps, **layout)
             start = time.perf_counter()
             m = train_sft(cfg, dataset, base, out_dir=args.work / f"{name}-{i}", seed=1).metrics
             row = {

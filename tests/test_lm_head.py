@@ -123,3 +123,16 @@ def test_restore_puts_trls_own_names_back():
     lm_head.restore_trl()
     assert (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton) == original
     assert not trl_utils._use_triton(torch.device("cpu"))
+
+
+def test_a_microbatch_with_no_labelled_position_trains_as_a_zero(tiny_model):
+    """As in TRL: a batch whose every label is masked (a long prompt truncated before its answer)
+    gives a finite zero loss that backward still runs through."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    add_fused_lm_head(model)
+    assert lm_head.use_dense_on_cpu()
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    out, grad = _fused_outputs(model, ids, torch.full_like(ids, -100))
+    assert float(out.loss) == 0.0 and float(grad.abs().sum()) == 0.0
