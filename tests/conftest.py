@@ -88,6 +88,17 @@ def tiny_model(tmp_path_factory, demo_rows) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), texts)
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (a server on 127.0.0.1 and its own SQLite database) for every test
+    that runs flows in this process: a server per module cost ~10 s a start. The security test keeps
+    its own, to scan a database that holds only its run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def tiny_raw_config(tiny_model: Path, data_dir: Path, work: Path) -> dict:
     """A pipeline config for the tiny model: two steps per trainer, a store under `work`."""
     train = {

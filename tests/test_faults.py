@@ -5,6 +5,7 @@ once the server is back a rerun completes."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import threading
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
+import tasks.promotion_lock
 import tasks.registry
 from flows.pipeline import pipeline
 from flows.stack import Service, mlflow_server
@@ -24,12 +25,6 @@ from tunegate.errors import StoreUnavailable
 
 # Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _free_port() -> int:
@@ -108,9 +103,13 @@ def test_tracking_server_lost_at_registration_leaves_no_half_registered_version_
         return real_smoke_test(*args, **kwargs)
 
     monkeypatch.setattr(tasks.registry, "smoke_test", server_dies_during_smoke_test)
+    # The dead run could not release its promotion lease: the rerun waits for the lease to lapse
+    # (60 s by default; test_promotion_race checks the lease itself), here 3 s.
+    lease = functools.partial(tasks.promotion_lock.registry_lock, lease_s=3.0, poll_s=0.2)
+    monkeypatch.setattr(tasks.promotion_lock, "registry_lock", lease)
     with pytest.raises(StoreUnavailable, match="no alias moved"):
         pipeline(cfg)
-    monkeypatch.undo()
+    monkeypatch.setattr(tasks.registry, "smoke_test", real_smoke_test)
 
     server.start()
     [(version, tags)] = _versions(server).items()

@@ -9,7 +9,6 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
 from flows.pipeline import pipeline
@@ -20,12 +19,6 @@ from tunegate.errors import ConfigError, DataValidationError, StageGateFailed
 
 # Whole pipeline runs, real servers or subprocess drills: not in `make test-fast`.
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _aliases(client: MlflowClient) -> dict[str, str]:

@@ -7,7 +7,6 @@ import re
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
 from flows.lineage import Node, lineage, render_tree
@@ -33,14 +32,13 @@ STAGES = (
 
 
 @pytest.fixture(scope="module")
-def registered(tiny_model, data_dir, tmp_path_factory):
+def registered(prefect_api, tiny_model, data_dir, tmp_path_factory):
     """One pipeline run that registers and promotes version 1: (tracking uri, pipeline result)."""
     from flows.pipeline import pipeline
 
     work = tmp_path_factory.mktemp("lineage")
     cfg = parse_config(tiny_raw_config(tiny_model, data_dir, work))
-    with prefect_test_harness(server_startup_timeout=120):
-        result = pipeline(cfg)
+    result = pipeline(cfg)
     assert result["registration"]["version"] == "1"
     return cfg.registry.tracking_uri, result
 

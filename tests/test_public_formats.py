@@ -12,7 +12,6 @@ import public_formats
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
 from flows.pipeline import pipeline
@@ -37,12 +36,6 @@ def public_dir(tmp_path_factory) -> Path:
     counts = public_formats.write_public_formats(out, seed=7, per_fact=PER_FACT)
     assert counts == {k: len(v) for k, v in demo_data.generate(7, PER_FACT).items()}
     return out
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _public_raw_config(tiny_model: Path, public_dir: Path, work: Path) -> dict:

@@ -17,7 +17,6 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_STATE, TEMPORARILY_UNAVAILABLE
 from prefect import flow, task
 from prefect.exceptions import PrefectHTTPStatusError
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.placement import WorkerLost
 from flows.retries import is_transient, retry_transient
@@ -31,12 +30,6 @@ from tunegate.errors import (
 from tunegate.out_of_memory import MAX_CAUSES, as_stage_error, causes, is_out_of_memory
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 502.00 MiB (GPU 0; 79.15 GiB total capacity)"
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _http_error(status: int) -> requests.HTTPError:

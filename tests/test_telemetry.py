@@ -14,7 +14,6 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from prefect import flow, task
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import summary
 from flows.progress import (
@@ -163,12 +162,6 @@ def test_watch_outside_a_run_does_nothing(tmp_path):
 
 
 # --- inside Prefect runs ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture
