@@ -218,7 +218,7 @@ def _pipeline(config: PipelineConfig, secret_names: list[str]) -> dict[str, Any]
         _walk(DECIDE, config, ctx, pid, run_dir)
         verdict, report = ctx["verdict"], ctx["report"]
         reporting.log_report(report)
-        reporting.publish_verdict(verdict, run_dir / "gates")
+        reporting.publish_verdict(verdict, run_dir / "gates", report)
         # A passing candidate is registered and promoted; a failing one is logged for audit only.
         registration = _register(config, ctx, verdict, champion, pid, run_id, commit, data_digest)
         mlflow.set_tags(

@@ -10,11 +10,12 @@ import mlflow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.gates import verdict_chart
-from tunegate.artifacts import Artifact, GateVerdict, InstructionDataset, ValidatedData
+from tunegate.artifacts import Artifact, EvalReport, GateVerdict, InstructionDataset, ValidatedData
 
 
-def publish_verdict(verdict: GateVerdict, out_dir: Path | None) -> None:
-    """The verdict as a Prefect markdown and table artifact, and in MLflow as markdown, JSON and a PNG chart."""
+def publish_verdict(verdict: GateVerdict, out_dir: Path | None, report: EvalReport | None = None) -> None:
+    """The verdict as a Prefect markdown and table artifact, and in MLflow as markdown, JSON and a PNG
+    chart (with the final evaluation's `report`, each gate's panel shows every model and each stage's gain)."""
     import tempfile
 
     key = "gate-verdict" if verdict.stage == "final" else f"gate-verdict-{verdict.stage}"
@@ -44,7 +45,7 @@ def publish_verdict(verdict: GateVerdict, out_dir: Path | None) -> None:
     mlflow.log_text(verdict.markdown, f"{name}.md")
     mlflow.log_dict(verdict.model_dump(mode="json"), f"{name}.json")
     with tempfile.TemporaryDirectory() as tmp:
-        chart = verdict_chart(verdict, (out_dir or Path(tmp)) / f"{name}.png")
+        chart = verdict_chart(verdict, (out_dir or Path(tmp)) / f"{name}.png", report)
         mlflow.log_artifact(str(chart))
 
 
@@ -53,6 +54,15 @@ def log_report(report) -> None:
         mlflow.log_metrics({f"{label}.{k}": v for k, v in scores.items()})
         for metric, (lo, hi) in report.intervals.get(label, {}).items():
             mlflow.log_metrics({f"{label}.{metric}.ci_low": lo, f"{label}.{metric}.ci_high": hi})
+    # What each stage added, paired on the same rows: gain.sft.<metric> (SFT model minus base) and
+    # gain.alignment.<metric> (candidate minus SFT model), each with its interval.
+    gains = {}
+    for stage, by_metric in report.gains.items():
+        for metric, (point, low, high) in by_metric.items():
+            key = f"gain.{stage}.{metric}"
+            gains.update({key: point, f"{key}.ci_low": low, f"{key}.ci_high": high})
+    if gains:
+        mlflow.log_metrics(gains)
     for task, settings in report.benchmarks.items():  # what each benchmark was scored with
         mlflow.log_params({f"bench.{task}.{k}": _param(v) for k, v in settings.items() if k != "task"})
     for path in (report.samples_path, report.per_row_path, report.llm_judge_path):

@@ -260,18 +260,20 @@ def gate_table(
 LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity"})
 
 
+STAGE_NAMES = {"sft": "SFT − base", "alignment": "aligned − SFT"}
+
+
 def attribution(report: EvalReport) -> list[str]:
     """Markdown lines: what SFT added over the base model and alignment over SFT, each a paired
     difference with its interval, and a plain sentence on whether alignment earned its place."""
     if not report.gains:
         return []
     stages = list(report.gains)
-    names = {"sft": "SFT − base", "alignment": "aligned − SFT"}
     lines = [
         "",
         f"What each stage added, paired on the same rows ({report.confidence:.0%} intervals):",
         "",
-        "| metric | " + " | ".join(names.get(s, s) for s in stages) + " |",
+        "| metric | " + " | ".join(STAGE_NAMES.get(s, s) for s in stages) + " |",
         "|---|" + "---:|" * len(stages),
     ]
     for m in sorted({m for g in report.gains.values() for m in g}):
@@ -306,18 +308,53 @@ def _significant(gains: dict[str, list[float]]) -> tuple[list[str], list[str]]:
     return better, worse
 
 
-def verdict_chart(verdict: GateVerdict, path: Path) -> Path:
-    """A PNG with one panel per gate: the value and its interval, the baseline, the required line."""
+MODEL_ORDER = ("base", "sft", "candidate", "champion")
+
+
+def chart_panels(verdict: GateVerdict, report: EvalReport | None = None) -> list[dict]:
+    """What `verdict_chart` draws, one entry per gate: its title, and for a final gate on a metric the
+    evaluation scored, every model's value and interval on that metric (base, SFT, candidate,
+    champion, side by side) and what each stage added to it (paired difference and interval)."""
+    panels = []
+    for r in verdict.results or []:
+        title = f"{r.gate}: {'pass' if r.passed else 'FAIL'}"
+        models: list[tuple[str, float, list[float] | None]] = []
+        gains: list[str] = []
+        if report is not None and r.stage == "final":
+            for label in (*MODEL_ORDER, *sorted(set(report.scores) - set(MODEL_ORDER))):
+                value = report.scores.get(label, {}).get(r.metric)
+                if value is not None:
+                    models.append((label, value, report.intervals.get(label, {}).get(r.metric)))
+            for stage, by_metric in report.gains.items():
+                if r.metric in by_metric:
+                    point, low, high = by_metric[r.metric]
+                    gains.append(f"{STAGE_NAMES.get(stage, stage)} {point:+.3g} [{low:+.3g}, {high:+.3g}]")
+        if gains:
+            title += "   (" + "; ".join(gains) + ")"
+        panels.append({"result": r, "title": title, "models": models})
+    return panels
+
+
+def verdict_chart(verdict: GateVerdict, path: Path, report: EvalReport | None = None) -> Path:
+    """A PNG with one panel per gate: the value and its interval, the baseline, the required line;
+    with the evaluation `report`, also every model's value on the gate's metric and what each stage
+    added to it (`chart_panels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = verdict.results or []
+    panels = chart_panels(verdict, report)
+    heights = [0.55 + 0.22 * (1 + len(p["models"])) for p in panels] or [1.0]
     fig, axes = plt.subplots(
-        max(len(results), 1), 1, figsize=(8, 0.9 * max(len(results), 1) + 0.8), squeeze=False
+        len(heights),
+        1,
+        figsize=(9, sum(heights) + 0.8),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
     )
-    for ax, r in zip(axes[:, 0], results, strict=False):
+    for ax, panel in zip(axes[:, 0], panels, strict=False):
+        r = panel["result"]
         color = "tab:green" if r.passed else "tab:red"
         points = [x for x in (r.value, r.required, r.reference_value, *(r.interval or [])) if x is not None]
         if r.value is not None:
@@ -330,20 +367,30 @@ def verdict_chart(verdict: GateVerdict, path: Path) -> Path:
             ax.plot([r.reference_value], [0], "s", color="tab:gray", label=r.reference)
         if r.required is not None:
             ax.axvline(r.required, color="black", linestyle="--", linewidth=1)
+        labels = ["gate"]
+        for row, (label, value, interval) in enumerate(panel["models"], start=1):
+            if interval is not None:
+                ax.plot(interval, [-row, -row], color="tab:blue", linewidth=2, alpha=0.35)
+                points += list(interval)
+            ax.plot([value], [-row], "|", color="tab:blue", markersize=9, markeredgewidth=2)
+            points.append(value)
+            labels.append(label)
+        points = [x for x in points if math.isfinite(x)]
         if points:
             lo, hi = min(points), max(points)
             pad = (hi - lo) * 0.15 or abs(hi) * 0.1 or 0.1
             ax.set_xlim(lo - pad, hi + pad)
-        ax.set_yticks([])
-        ax.set_title(f"{r.gate}: {'pass' if r.passed else 'FAIL'}", fontsize=9, loc="left", color=color)
+        ax.set_ylim(-len(labels) + 0.5, 0.5)
+        ax.set_yticks([-i for i in range(len(labels))], labels if len(labels) > 1 else [""], fontsize=7)
+        ax.set_title(panel["title"], fontsize=8, loc="left", color=color)
         ax.tick_params(axis="x", labelsize=8)
-    if not results:
+    if not panels:
         axes[0, 0].text(0.5, 0.5, "no gates", ha="center", va="center")
         axes[0, 0].set_axis_off()
     title = "Gate verdict" if verdict.stage == "final" else f"Gate verdict after {verdict.stage}"
     fig.suptitle(
         f"{title}: {'PASS' if verdict.passed else 'FAIL'}  (dot: value, bar: interval, "
-        "x: bound decided on, square: baseline, dashed: required)",
+        "x: bound decided on, square: baseline, dashed: required; blue: each model's score)",
         fontsize=9,
     )
     fig.tight_layout()

@@ -89,6 +89,10 @@ def test_pipeline_registers_promotes_and_logs_lineage(prefect_api, tiny_model, d
     assert scores["win_rate_vs_base"] == pytest.approx(sum(judged) / len(judged))
     assert "win_rate_vs_base" in result["report"]["intervals"]["candidate"]
     assert "candidate.fact_accuracy.ci_low" in parent.data.metrics
+    gain = report["gains"]["alignment"]["eval_loss"]  # what alignment added, as MLflow metrics too
+    assert [parent.data.metrics[f"gain.alignment.eval_loss{end}"] for end in ("", ".ci_low", ".ci_high")] == (
+        pytest.approx(gain)
+    )
     resolved = json.loads(
         open(
             mlflow.artifacts.download_artifacts(

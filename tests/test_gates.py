@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from data_checks.formats import RowError, normalise
-from tasks.gates import apply_gates, apply_stage_gates, data_metrics, verdict_chart
+from tasks.gates import apply_gates, apply_stage_gates, chart_panels, data_metrics, verdict_chart
 from tasks.intervals import NEWCOMBE, WILSON, newcombe_paired_interval, wilson_interval
 from tasks.scoring import exact_hit, is_refusal, json_hit, regex_hit, row_checks
 from tunegate.artifacts import DataFile, EvalReport, InstructionDataset, ValidatedData
@@ -210,9 +210,33 @@ def test_verdict_chart_is_a_png(tmp_path):
         GateSpec(metric="fact_accuracy", op=">=", threshold=0.7),
         GateSpec(metric="fact_accuracy", op=">=", baseline="base", min_delta=0.5),
     ]
-    path = verdict_chart(apply_gates(gates, report), tmp_path / "gates.png")
+    path = verdict_chart(apply_gates(gates, report), tmp_path / "gates.png", report)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_the_chart_shows_every_model_and_what_each_stage_added_to_the_gated_metric(tmp_path):
+    report = _attribution_report([1] * 36 + [0] * 4)
+    report.scores["champion"] = {"fact_accuracy": 0.6}
+    verdict = apply_gates([SFT_GATE, GateSpec(metric="ms_per_token", op="<=", threshold=250)], report)
+    gated, unscored = chart_panels(verdict, report)
+    assert [(label, value) for label, value, _ in gated["models"]] == [
+        ("base", 0.0),
+        ("sft", 0.5),
+        ("candidate", 0.9),
+        ("champion", 0.6),
+    ]
+    sft_interval = gated["models"][1][2]
+    assert (
+        sft_interval == report.intervals["sft"]["fact_accuracy"] and sft_interval[0] < 0.5 < sft_interval[1]
+    )
+    sft_gain, aligned_gain = report.gains["sft"]["fact_accuracy"], report.gains["alignment"]["fact_accuracy"]
+    assert f"SFT − base +0.5 [{sft_gain[1]:+.3g}, {sft_gain[2]:+.3g}]" in gated["title"]
+    assert f"aligned − SFT +0.4 [{aligned_gain[1]:+.3g}, {aligned_gain[2]:+.3g}]" in gated["title"]
+    assert unscored["models"] == [] and "aligned" not in unscored["title"]  # no model scored it
+    assert [p["models"] for p in chart_panels(verdict)] == [[], []]  # a stage's gates: no evaluation
+    path = verdict_chart(verdict, tmp_path / "gates.png", report)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _attribution_report(aligned_hits: list[int]) -> EvalReport:
