@@ -393,7 +393,7 @@ def verdict_chart(verdict: GateVerdict, path: Path, report: EvalReport | None = 
         "x: bound decided on, square: baseline, dashed: required; blue: each model's score)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
