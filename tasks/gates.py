@@ -295,12 +295,17 @@ def attribution(report: EvalReport) -> list[str]:
     return lines
 
 
+def _signed(point: float, low: float, high: float) -> str:
+    """A difference and its interval, signed: `+0.043 [-0.015, +0.103]`."""
+    return f"{point:+.3g} [{low:+.3g}, {high:+.3g}]"
+
+
 def _significant(gains: dict[str, list[float]]) -> tuple[list[str], list[str]]:
     """Metrics whose paired interval lies wholly on the better (or the worse) side of zero."""
     better, worse = [], []
     for m, (point, low, high) in sorted(gains.items()):
         sign = -1 if m in LOWER_IS_BETTER else 1
-        text = f"{m} {point:+.3g} [{low:+.3g}, {high:+.3g}]"
+        text = f"{m} {_signed(point, low, high)}"
         if (low > 0 and sign > 0) or (high < 0 and sign < 0):
             better.append(text)
         elif (high < 0 and sign > 0) or (low > 0 and sign < 0):
@@ -327,8 +332,7 @@ def chart_panels(verdict: GateVerdict, report: EvalReport | None = None) -> list
                     models.append((label, value, report.intervals.get(label, {}).get(r.metric)))
             for stage, by_metric in report.gains.items():
                 if r.metric in by_metric:
-                    point, low, high = by_metric[r.metric]
-                    gains.append(f"{STAGE_NAMES.get(stage, stage)} {point:+.3g} [{low:+.3g}, {high:+.3g}]")
+                    gains.append(f"{STAGE_NAMES.get(stage, stage)} {_signed(*by_metric[r.metric])}")
         if gains:
             title += "   (" + "; ".join(gains) + ")"
         panels.append({"result": r, "title": title, "models": models})
